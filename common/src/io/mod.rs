@@ -1,0 +1,8 @@
+//! Async and OS adapters shared by both binaries (the only place in `common` that does IO).
+
+pub mod netlink;
+pub mod nft;
+pub mod sock;
+pub mod sysctl;
+pub mod tls;
+pub mod tun;

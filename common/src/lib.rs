@@ -1,0 +1,14 @@
+//! Sans-IO core of the reversed VPN data plane.
+//!
+//! Everything outside [`io`] is synchronous, takes `now` as an argument where time matters,
+//! and returns data. [`io`] holds the shared async adapters used by both binaries.
+
+pub mod cidr;
+pub mod connect;
+pub mod flow;
+pub mod frame;
+pub mod hub;
+pub mod io;
+pub mod keys;
+pub mod packet;
+pub mod session;
