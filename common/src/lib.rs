@@ -3,6 +3,7 @@
 //! Everything outside [`io`] is synchronous, takes `now` as an argument where time matters,
 //! and returns data. [`io`] holds the shared async adapters used by both binaries.
 
+pub mod batch;
 pub mod cidr;
 pub mod connect;
 pub mod flow;

@@ -5,4 +5,7 @@ pub mod nft;
 pub mod sock;
 pub mod sysctl;
 pub mod tls;
+pub mod health;
+pub mod log;
+pub mod signal;
 pub mod tun;

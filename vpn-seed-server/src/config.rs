@@ -1,0 +1,335 @@
+//! Command line and environment of `vpn-seed-server`, validated into a [`Config`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use common::cidr::CidrSet;
+use ipnet::IpNet;
+
+/// Reversed VPN seed server: accepts the shoot client's tunnel and serves kube-apiserver's
+/// HTTP CONNECT egress proxy into the shoot's pod, service and node networks.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vpn-seed-server", version, about, long_about = None)]
+pub struct Args {
+    /// Tunnel listener: raw streams from the ingress, or streams that begin with CONNECT.
+    #[arg(long, env = "TUNNEL_LISTEN", default_value = "[::]:1194")]
+    pub tunnel_listen: SocketAddr,
+
+    /// Egress proxy TLS listener (client certificates required), or `off`.
+    #[arg(long, env = "PROXY_LISTEN", default_value = "[::]:9443")]
+    pub proxy_listen: String,
+
+    /// Egress proxy on a Unix domain socket (for kube-apiserver's `transport.uds`).
+    #[arg(long, env = "PROXY_UDS")]
+    pub proxy_uds: Option<PathBuf>,
+
+    /// PEM file: the proxy's TLS certificate chain.
+    #[arg(long, env = "PROXY_TLS_CERT")]
+    pub proxy_tls_cert: Option<PathBuf>,
+
+    /// PEM file: the proxy's TLS private key.
+    #[arg(long, env = "PROXY_TLS_KEY")]
+    pub proxy_tls_key: Option<PathBuf>,
+
+    /// PEM file: CA bundle that proxy client certificates must chain to.
+    #[arg(long, env = "PROXY_CLIENT_CA")]
+    pub proxy_client_ca: Option<PathBuf>,
+
+    /// File holding the server's WireGuard private key (base64, as `wg genkey` writes it).
+    #[arg(long, env = "PRIVATE_KEY_FILE")]
+    pub private_key_file: PathBuf,
+
+    /// File holding an optional WireGuard pre-shared key shared with every client.
+    #[arg(long, env = "PRESHARED_KEY_FILE")]
+    pub preshared_key_file: Option<PathBuf>,
+
+    /// Allowed client public key (base64). Repeatable; comma-separated in the environment.
+    #[arg(long = "peer", env = "PEERS", value_delimiter = ',', required = true)]
+    pub peers: Vec<String>,
+
+    /// Shoot pod networks (comma-separated CIDRs).
+    #[arg(long, env = "SHOOT_POD_NETWORKS", default_value = "")]
+    pub shoot_pod_networks: String,
+
+    /// Shoot service networks (comma-separated CIDRs).
+    #[arg(long, env = "SHOOT_SERVICE_NETWORKS", default_value = "")]
+    pub shoot_service_networks: String,
+
+    /// Shoot node networks (comma-separated CIDRs).
+    #[arg(long, env = "SHOOT_NODE_NETWORKS", default_value = "")]
+    pub shoot_node_networks: String,
+
+    /// VPN transfer networks (one IPv4 and/or one IPv6 CIDR).
+    #[arg(
+        long,
+        env = "VPN_NETWORK",
+        default_value = "192.168.123.0/24,fd8f:6d53:b97a:1::/96"
+    )]
+    pub vpn_network: String,
+
+    /// Index of this replica: it uses host address index+1 of each VPN network.
+    #[arg(long, env = "SERVER_INDEX", default_value_t = 0)]
+    pub server_index: u32,
+
+    /// Name of the TUN device.
+    #[arg(long, env = "TUN_NAME", default_value = "tun0")]
+    pub tun_name: String,
+
+    /// MTU of the TUN device.
+    #[arg(long, env = "MTU", default_value_t = 1400)]
+    pub mtu: u16,
+
+    /// Policy routing table for sockets bound to the TUN.
+    #[arg(long, env = "ROUTING_TABLE", default_value_t = 1194)]
+    pub routing_table: u32,
+
+    /// Priority of the policy routing rule `oif <tun> lookup <table>`.
+    #[arg(long, env = "ROUTING_RULE_PRIORITY", default_value_t = 1194)]
+    pub routing_rule_priority: u32,
+
+    /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "[::]:15000")]
+    pub metrics_listen: String,
+
+    /// Time allowed to establish a proxied connection before answering 504.
+    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// Maximum number of open proxied connections; more are answered 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
+    pub max_connections: usize,
+
+    /// WireGuard keepalive interval; a tunnel silent for 3 intervals is closed.
+    #[arg(long, env = "KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tunnel_listen: SocketAddr,
+    pub proxy_listen: Option<SocketAddr>,
+    pub proxy_uds: Option<PathBuf>,
+    pub tls: Option<common::io::tls::ServerTlsFiles>,
+    pub private_key_file: PathBuf,
+    pub preshared_key_file: Option<PathBuf>,
+    pub peers: Vec<String>,
+    pub shoot_networks: CidrSet,
+    pub vpn_networks: Vec<IpNet>,
+    /// The TUN addresses of this replica (host index+1 of each VPN network, with its prefix).
+    pub tun_addrs: Vec<IpNet>,
+    pub tun_name: String,
+    pub mtu: u16,
+    pub routing_table: u32,
+    pub routing_rule_priority: u32,
+    pub metrics_listen: Option<SocketAddr>,
+    pub dial_timeout: Duration,
+    pub max_connections: usize,
+    pub keepalive: Duration,
+}
+
+fn parse_listen(flag: &str, v: &str, errs: &mut Vec<String>) -> Option<SocketAddr> {
+    if v.eq_ignore_ascii_case("off") || v.is_empty() {
+        return None;
+    }
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            errs.push(format!("--{flag} {v:?}: {e}"));
+            None
+        }
+    }
+}
+
+/// Host address number `n` of `net` (n = 1 is the first host address).
+pub fn host_addr(net: &IpNet, n: u32) -> Option<IpNet> {
+    let addr = match net.network() {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).checked_add(n)?.into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).checked_add(u128::from(n))?.into()),
+    };
+    if !net.contains(&addr) {
+        return None;
+    }
+    IpNet::new(addr, net.prefix_len()).ok()
+}
+
+/// Parses the VPN network list; at most one network per address family.
+pub fn parse_vpn_networks(v: &str, errs: &mut Vec<String>) -> Vec<IpNet> {
+    match common::cidr::parse_list(v) {
+        Ok(set) => {
+            let nets: Vec<IpNet> = set.iter().copied().collect();
+            let v4 = nets.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
+            if nets.is_empty() || v4 > 1 || nets.len() - v4 > 1 {
+                errs.push(format!(
+                    "--vpn-network {v:?}: give one IPv4 and/or one IPv6 network"
+                ));
+            }
+            nets
+        }
+        Err(e) => {
+            errs.push(format!("--vpn-network: {e}"));
+            Vec::new()
+        }
+    }
+}
+
+impl Args {
+    /// Validates everything and reports all errors at once.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut errs = Vec::new();
+        let tunnel_listen = self.tunnel_listen;
+        let proxy_listen = parse_listen("proxy-listen", &self.proxy_listen, &mut errs);
+        let metrics_listen = parse_listen("metrics-listen", &self.metrics_listen, &mut errs);
+
+        let tls = match (
+            &self.proxy_tls_cert,
+            &self.proxy_tls_key,
+            &self.proxy_client_ca,
+        ) {
+            (Some(c), Some(k), Some(ca)) => Some(common::io::tls::ServerTlsFiles {
+                cert: c.clone(),
+                key: k.clone(),
+                client_ca: ca.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                errs.push(
+                    "--proxy-tls-cert, --proxy-tls-key and --proxy-client-ca go together".into(),
+                );
+                None
+            }
+        };
+        if proxy_listen.is_some() && tls.is_none() {
+            errs.push("--proxy-listen needs --proxy-tls-cert, --proxy-tls-key and --proxy-client-ca (or set --proxy-listen off)".into());
+        }
+        if proxy_listen.is_none() && self.proxy_uds.is_none() {
+            errs.push("no egress proxy listener: set --proxy-listen and/or --proxy-uds".into());
+        }
+
+        let mut shoot_networks = CidrSet::default();
+        for (flag, v) in [
+            ("shoot-pod-networks", &self.shoot_pod_networks),
+            ("shoot-service-networks", &self.shoot_service_networks),
+            ("shoot-node-networks", &self.shoot_node_networks),
+        ] {
+            match common::cidr::parse_list(v) {
+                Ok(s) => shoot_networks.extend(s.iter().copied()),
+                Err(e) => errs.push(format!("--{flag}: {e}")),
+            }
+        }
+        if shoot_networks.is_empty() {
+            errs.push("no shoot networks: set --shoot-pod-networks, --shoot-service-networks and/or --shoot-node-networks".into());
+        }
+
+        let vpn_networks = parse_vpn_networks(&self.vpn_network, &mut errs);
+        let mut tun_addrs = Vec::new();
+        for net in &vpn_networks {
+            match self
+                .server_index
+                .checked_add(1)
+                .and_then(|n| host_addr(net, n))
+            {
+                Some(a) => tun_addrs.push(a),
+                None => errs.push(format!(
+                    "--server-index {} does not fit in VPN network {net}",
+                    self.server_index
+                )),
+            }
+            if shoot_networks.overlaps(net) {
+                errs.push(format!("VPN network {net} overlaps the shoot networks"));
+            }
+        }
+
+        for p in &self.peers {
+            if let Err(e) = common::keys::parse_public_key(p) {
+                errs.push(format!("--peer {p:?}: {e}"));
+            }
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            errs.push(format!(
+                "--tun-name {:?}: must be 1 to 15 characters",
+                self.tun_name
+            ));
+        }
+        if !(1280..=9000).contains(&self.mtu) {
+            errs.push(format!("--mtu {}: must be within 1280..=9000", self.mtu));
+        }
+        if self.max_connections == 0 {
+            errs.push("--max-connections must be at least 1".into());
+        }
+        if self.keepalive < Duration::from_secs(1) {
+            errs.push("--keepalive must be at least 1s".into());
+        }
+        if self.dial_timeout.is_zero() {
+            errs.push("--dial-timeout must be positive".into());
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Config {
+            tunnel_listen,
+            proxy_listen,
+            proxy_uds: self.proxy_uds,
+            tls,
+            private_key_file: self.private_key_file,
+            preshared_key_file: self.preshared_key_file,
+            peers: self.peers,
+            shoot_networks,
+            vpn_networks,
+            tun_addrs,
+            tun_name: self.tun_name,
+            mtu: self.mtu,
+            routing_table: self.routing_table,
+            routing_rule_priority: self.routing_rule_priority,
+            metrics_listen,
+            dial_timeout: self.dial_timeout,
+            max_connections: self.max_connections,
+            keepalive: self.keepalive,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addresses() {
+        let n: IpNet = "192.168.123.0/24".parse().unwrap();
+        assert_eq!(host_addr(&n, 1).unwrap().to_string(), "192.168.123.1/24");
+        assert!(host_addr(&n, 256).is_none());
+        let n6: IpNet = "fd8f:6d53:b97a:1::/96".parse().unwrap();
+        assert_eq!(
+            host_addr(&n6, 2).unwrap().to_string(),
+            "fd8f:6d53:b97a:1::2/96"
+        );
+    }
+
+    #[test]
+    fn reports_all_errors_at_once() {
+        let args = Args::try_parse_from([
+            "vpn-seed-server",
+            "--private-key-file",
+            "/k",
+            "--peer",
+            "bogus",
+            "--mtu",
+            "100",
+            "--shoot-pod-networks",
+            "10.0.0.0/33",
+        ])
+        .unwrap();
+        let errs = args.validate().unwrap_err();
+        let all = errs.join("\n");
+        assert!(all.contains("--peer"), "{all}");
+        assert!(all.contains("--mtu 100"), "{all}");
+        assert!(all.contains("shoot-pod-networks"), "{all}");
+        assert!(all.contains("--proxy-listen needs"), "{all}");
+    }
+}

@@ -1,0 +1,520 @@
+//! The seed server's tasks and the one place that waits on several of them at once.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use bytes::BytesMut;
+use common::flow::{FlowConfig, FlowTable, TunnelId};
+use common::frame::MAX_FRAME_LEN;
+use common::hub::{Hub, PeerConfig};
+use common::io::health::Health;
+use common::io::netlink::Netlink;
+use common::io::sock::{tune_stream, TcpTuning};
+use common::io::tls::ReloadingServerConfig;
+use common::io::tun::TunConfig;
+use common::packet::PacketView;
+use common::session::{SessionConfig, SessionError};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tun_rs::AsyncDevice;
+
+use crate::config::Config;
+use crate::proxy::ProxyContext;
+use crate::state::{inc, lock, PeerSlot, Server, Stats, ANSWER_CODES};
+use crate::tunnel::serve_stream;
+
+/// Concurrent tunnel streams being accepted (before they are bound to a peer).
+const MAX_PENDING_STREAMS: usize = 256;
+/// Interval of the session timer.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The sockets the server serves, bound before `run` so tests can use port 0.
+pub struct Listeners {
+    pub tunnel: TcpListener,
+    pub proxy_tls: Option<TcpListener>,
+    pub proxy_uds: Option<UnixListener>,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every listener the configuration asks for.
+    pub async fn bind(cfg: &Config) -> Result<Self> {
+        let tunnel = TcpListener::bind(cfg.tunnel_listen)
+            .await
+            .with_context(|| format!("tunnel listener {}", cfg.tunnel_listen))?;
+        let proxy_tls = match cfg.proxy_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("proxy listener {a}"))?,
+            ),
+            None => None,
+        };
+        let proxy_uds = match &cfg.proxy_uds {
+            Some(p) => {
+                if let Ok(meta) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(p)
+                            .with_context(|| format!("remove stale socket {}", p.display()))?;
+                    }
+                }
+                Some(
+                    UnixListener::bind(p)
+                        .with_context(|| format!("proxy socket {}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        let metrics = match cfg.metrics_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("metrics listener {a}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            tunnel,
+            proxy_tls,
+            proxy_uds,
+            metrics,
+        })
+    }
+}
+
+impl Health for Server {
+    fn ready(&self) -> (bool, String) {
+        let n = self.live_count();
+        if n > 0 {
+            (true, format!("{n} tunnel(s) up"))
+        } else {
+            (false, "no tunnel with a recent handshake".into())
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let s: &Stats = &self.stats;
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in lines {
+                out.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        metric(
+            "vpn_seed_tunnels_up",
+            "gauge",
+            "Tunnels with a stream and an established session.",
+            vec![(String::new(), self.live_count() as u64)],
+        );
+        metric(
+            "vpn_seed_streams_accepted_total",
+            "counter",
+            "Tunnel streams bound to a peer.",
+            vec![(String::new(), g(&s.streams_accepted))],
+        );
+        metric(
+            "vpn_seed_streams_rejected_total",
+            "counter",
+            "Tunnel streams refused (bad preamble, unknown key, bad frame).",
+            vec![(String::new(), g(&s.streams_rejected))],
+        );
+        metric(
+            "vpn_seed_tunnel_bytes_total",
+            "counter",
+            "Bytes on tunnel streams.",
+            vec![
+                ("{direction=\"rx\"}".into(), g(&s.tunnel_rx_bytes)),
+                ("{direction=\"tx\"}".into(), g(&s.tunnel_tx_bytes)),
+            ],
+        );
+        metric(
+            "vpn_seed_tun_packets_total",
+            "counter",
+            "Packets through the TUN device.",
+            vec![
+                ("{direction=\"rx\"}".into(), g(&s.tun_rx_packets)),
+                ("{direction=\"tx\"}".into(), g(&s.tun_tx_packets)),
+            ],
+        );
+        metric(
+            "vpn_seed_packets_dropped_total",
+            "counter",
+            "Packets dropped, by reason.",
+            vec![
+                ("{reason=\"queue_full\"}".into(), g(&s.drops_queue_full)),
+                ("{reason=\"flow\"}".into(), g(&s.drops_flow)),
+                ("{reason=\"malformed\"}".into(), g(&s.drops_malformed)),
+            ],
+        );
+        metric(
+            "vpn_seed_proxy_requests_total",
+            "counter",
+            "CONNECT requests by answer code.",
+            ANSWER_CODES
+                .iter()
+                .zip(s.proxy_answers.iter())
+                .map(|(c, v)| (format!("{{code=\"{c}\"}}"), g(v)))
+                .collect(),
+        );
+        metric(
+            "vpn_seed_proxy_open_connections",
+            "gauge",
+            "Open proxied connections.",
+            vec![(String::new(), g(&s.proxy_open))],
+        );
+        metric(
+            "vpn_seed_flows",
+            "gauge",
+            "Entries in the flow table.",
+            vec![(String::new(), lock(&self.flows).len() as u64)],
+        );
+        out
+    }
+}
+
+/// Builds the shared state from the configuration (keys, hub, sessions).
+fn build_server(cfg: &Config) -> Result<Server> {
+    let private = common::keys::load_private_key(&cfg.private_key_file)
+        .with_context(|| format!("private key {}", cfg.private_key_file.display()))?;
+    let psk = match &cfg.preshared_key_file {
+        Some(p) => Some(
+            common::keys::load_psk(p).with_context(|| format!("pre-shared key {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let peers = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            Ok(PeerConfig {
+                public: common::keys::parse_public_key(p)?,
+                psk,
+            })
+        })
+        .collect::<Result<Vec<_>, common::keys::KeyError>>()?;
+    let hub = Hub::new(private, peers)?;
+    let scfg = SessionConfig {
+        keepalive: cfg.keepalive,
+        dead_after: 3,
+    };
+    let now = Instant::now();
+    let slots = (0..hub.len())
+        .map(|i| {
+            Ok(Mutex::new(PeerSlot {
+                session: hub.new_session(i, scfg.clone(), now)?,
+                stream: None,
+                generation: 0,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Server {
+        hub,
+        peers: slots,
+        flows: Mutex::new(FlowTable::new(FlowConfig::default())),
+        shoot_networks: cfg.shoot_networks.clone(),
+        live: RwLock::new(Vec::new()),
+        stats: Stats::default(),
+    })
+}
+
+/// Runs the server until `shutdown` completes or a component fails.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    match common::io::sock::raise_nofile_limit() {
+        Ok((old, new)) => tracing::info!(old, new, "raised open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise open file limit"),
+    }
+    let server = Arc::new(build_server(&cfg)?);
+    let tls = match &cfg.tls {
+        Some(files) => Some(Arc::new(
+            ReloadingServerConfig::new(files.clone()).context("proxy TLS")?,
+        )),
+        None => None,
+    };
+
+    let tun = Arc::new(
+        common::io::tun::create(&TunConfig {
+            name: cfg.tun_name.clone(),
+            mtu: cfg.mtu,
+            addrs: cfg.tun_addrs.clone(),
+            offload: false,
+        })
+        .with_context(|| format!("TUN {}", cfg.tun_name))?,
+    );
+    common::io::sysctl::seed_tun(&cfg.tun_name).context("sysctls")?;
+    let netlink = Netlink::new().await.context("netlink")?;
+    let has_v4 = cfg
+        .tun_addrs
+        .iter()
+        .any(|a| matches!(a, ipnet::IpNet::V4(_)));
+    let has_v6 = cfg
+        .tun_addrs
+        .iter()
+        .any(|a| matches!(a, ipnet::IpNet::V6(_)));
+    netlink
+        .install_seed_routing(
+            &cfg.tun_name,
+            cfg.routing_table,
+            cfg.routing_rule_priority,
+            has_v4,
+            has_v6,
+        )
+        .await
+        .context("policy routing")?;
+    tracing::info!(
+        tun = %cfg.tun_name,
+        addrs = ?cfg.tun_addrs,
+        table = cfg.routing_table,
+        peers = server.hub.len(),
+        "seed server up"
+    );
+
+    let proxy = Arc::new(ProxyContext {
+        server: server.clone(),
+        tun_name: cfg.tun_name.clone(),
+        dial_timeout: cfg.dial_timeout,
+        limit: Arc::new(Semaphore::new(cfg.max_connections)),
+        tuning: TcpTuning::default(),
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(accept_tunnels(
+        server.clone(),
+        tun.clone(),
+        listeners.tunnel,
+    ));
+    tasks.spawn(pump_tun(server.clone(), tun.clone()));
+    tasks.spawn(timers(server.clone(), tls.clone()));
+    if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
+        tasks.spawn(accept_proxy_tls(proxy.clone(), l, tls));
+    }
+    if let Some(l) = listeners.proxy_uds {
+        tasks.spawn(accept_proxy_uds(proxy.clone(), l));
+    }
+    if let Some(l) = listeners.metrics {
+        let h: Arc<dyn Health> = server.clone();
+        tasks.spawn(async move {
+            common::io::health::serve(l, h).await;
+            Err(anyhow!("metrics server stopped"))
+        });
+    }
+
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        Some(res) = tasks.join_next() => match res {
+            Ok(Ok(())) => Err(anyhow!("a server task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow!("a server task failed: {e}")),
+        },
+    };
+    tasks.abort_all();
+    if let Err(e) = netlink
+        .remove_seed_routing(
+            &cfg.tun_name,
+            cfg.routing_table,
+            cfg.routing_rule_priority,
+            has_v4,
+            has_v6,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot remove policy routing");
+    }
+    if let Some(p) = &cfg.proxy_uds {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+async fn accept_tunnels(server: Arc<Server>, tun: Arc<AsyncDevice>, l: TcpListener) -> Result<()> {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_STREAMS));
+    loop {
+        let (stream, remote) = match l.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many tunnel streams being opened; closing");
+            continue;
+        };
+        if let Err(e) = tune_stream(&stream, &TcpTuning::default()) {
+            tracing::debug!(error = %e, "tunnel socket options");
+        }
+        let server = server.clone();
+        let tun = tun.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_stream(server.clone(), tun, stream, remote.to_string()).await {
+                inc(&server.stats.streams_rejected);
+                tracing::warn!(%remote, error = format!("{e:#}"), "tunnel stream closed");
+            }
+        });
+    }
+}
+
+async fn accept_proxy_tls(
+    proxy: Arc<ProxyContext>,
+    l: TcpListener,
+    tls: Arc<ReloadingServerConfig>,
+) -> Result<()> {
+    loop {
+        let (stream, remote) = match l.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(s)) => proxy.serve(s, remote.to_string()).await,
+                Ok(Err(e)) => tracing::warn!(%remote, error = %e, "proxy TLS handshake refused"),
+                Err(_) => tracing::warn!(%remote, "proxy TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<()> {
+    loop {
+        let (stream, _) = match l.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy socket accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve(stream, "uds".into()).await });
+    }
+}
+
+/// Seed TUN → flow table → tunnel: encrypts every packet for the tunnel its flow is pinned to.
+async fn pump_tun(server: Arc<Server>, tun: Arc<AsyncDevice>) -> Result<()> {
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    let mut out = BytesMut::with_capacity(4 * MAX_FRAME_LEN);
+    loop {
+        let n = tun.recv(&mut buf).await.context("TUN read")?;
+        let Some(pkt) = buf.get(..n) else { continue };
+        inc(&server.stats.tun_rx_packets);
+        let view = match PacketView::parse(pkt) {
+            Ok(v) => v,
+            Err(_) => {
+                inc(&server.stats.drops_malformed);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let pinned = {
+            let live = server.live.read().unwrap_or_else(|p| p.into_inner());
+            lock(&server.flows).outbound(&view, &live, now)
+        };
+        let id: TunnelId = match pinned {
+            Ok(id) => id,
+            Err(reason) => {
+                inc(&server.stats.drops_flow);
+                tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
+                continue;
+            }
+        };
+        let Some(mut slot) = server.peer(id) else {
+            continue;
+        };
+        if out.capacity() < 2 * MAX_FRAME_LEN {
+            out.reserve(4 * MAX_FRAME_LEN);
+        }
+        if let Err(e) = slot.session.encapsulate(pkt, now, &mut out) {
+            tracing::debug!(error = %e, "encapsulate failed");
+            out.clear();
+            continue;
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let frames = out.split().freeze();
+        match &slot.stream {
+            Some(s) if s.tx.try_send(frames).is_ok() => {}
+            _ => inc(&server.stats.drops_queue_full),
+        }
+    }
+}
+
+/// Session timers (keepalive, rekey, dead peers), flow expiry and TLS reload.
+async fn timers(server: Arc<Server>, tls: Option<Arc<ReloadingServerConfig>>) -> Result<()> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = BytesMut::with_capacity(MAX_FRAME_LEN);
+    let mut last_slow = Instant::now();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut changed = false;
+        for (i, slot) in server.peers.iter().enumerate() {
+            let mut slot = lock(slot);
+            match slot.session.tick(now, &mut out) {
+                Ok(()) => {}
+                Err(SessionError::DeadPeer) if slot.stream.is_some() => {
+                    tracing::warn!(
+                        peer = i,
+                        "no message from peer for too long; closing its stream"
+                    );
+                    slot.stream = None;
+                    slot.session.stream_down();
+                    changed = true;
+                }
+                Err(e) => tracing::debug!(peer = i, error = %e, "session timer"),
+            }
+            if !out.is_empty() {
+                let frames = out.split().freeze();
+                if let Some(s) = &slot.stream {
+                    let _ = s.tx.try_send(frames);
+                }
+            }
+            let established = slot.stream.is_some() && slot.session.is_established();
+            drop(slot);
+            let was_live = server
+                .live
+                .read()
+                .map(|l| l.contains(&(i as TunnelId)))
+                .unwrap_or(false);
+            changed |= established != was_live;
+        }
+        if changed {
+            server.refresh_live();
+        }
+        if now.duration_since(last_slow) >= Duration::from_secs(1) {
+            last_slow = now;
+            lock(&server.flows).expire(now);
+            if let Some(tls) = &tls {
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("proxy TLS certificates reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proxy TLS reload failed; keeping the previous certificates")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Shared state of the seed server: the peer hub, one slot per allowed client, the flow table
+//! and counters. Locks are std mutexes held only for synchronous work (never across `.await`).
+//! Lock order: a peer's slot, then the flow table.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+use common::cidr::CidrSet;
+use common::flow::{FlowTable, TunnelId};
+use common::hub::Hub;
+use common::session::Session;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// Frames queued toward one tunnel stream before packets are dropped (like a NIC queue).
+pub const STREAM_QUEUE: usize = 1024;
+
+/// The stream currently carrying a peer's tunnel.
+pub struct StreamHandle {
+    /// Increases with every new stream of this peer; a task whose generation is stale stops.
+    pub generation: u64,
+    /// Framed bytes to write to the stream.
+    pub tx: mpsc::Sender<Bytes>,
+    /// Stops the stream's reader task when the stream is replaced or declared dead.
+    pub reader: Option<AbortHandle>,
+    pub remote: String,
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+    }
+}
+
+/// One allowed client.
+pub struct PeerSlot {
+    pub session: Session,
+    pub stream: Option<StreamHandle>,
+    pub generation: u64,
+}
+
+/// Counters exposed on `/metrics`.
+#[derive(Default)]
+pub struct Stats {
+    pub tun_rx_packets: AtomicU64,
+    pub tun_tx_packets: AtomicU64,
+    pub tunnel_rx_bytes: AtomicU64,
+    pub tunnel_tx_bytes: AtomicU64,
+    pub streams_accepted: AtomicU64,
+    pub streams_rejected: AtomicU64,
+    pub drops_queue_full: AtomicU64,
+    pub drops_flow: AtomicU64,
+    pub drops_malformed: AtomicU64,
+    pub proxy_open: AtomicU64,
+    pub proxy_answers: [AtomicU64; 7],
+}
+
+/// Index into `Stats::proxy_answers` for an answer code.
+pub fn answer_slot(code: u16) -> usize {
+    match code {
+        200 => 0,
+        400 => 1,
+        403 => 2,
+        405 => 3,
+        502 => 4,
+        503 => 5,
+        _ => 6,
+    }
+}
+
+pub const ANSWER_CODES: [u16; 7] = [200, 400, 403, 405, 502, 503, 504];
+
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Everything the server's tasks share.
+pub struct Server {
+    pub hub: Hub,
+    pub peers: Vec<Mutex<PeerSlot>>,
+    pub flows: Mutex<FlowTable>,
+    pub shoot_networks: CidrSet,
+    /// Peers whose stream is up and whose session is established, ascending.
+    pub live: RwLock<Vec<TunnelId>>,
+    pub stats: Stats,
+}
+
+/// Locks a mutex, recovering the data of a poisoned one (a panicking task must not take the
+/// whole data plane down with it).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Server {
+    pub fn peer(&self, id: TunnelId) -> Option<MutexGuard<'_, PeerSlot>> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.peers.get(i))
+            .map(lock)
+    }
+
+    /// Recomputes the live tunnel list from the peer slots.
+    pub fn refresh_live(&self) {
+        let live: Vec<TunnelId> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                let p = lock(p);
+                p.stream.is_some() && p.session.is_established()
+            })
+            .map(|(i, _)| i as TunnelId)
+            .collect();
+        let mut g = self.live.write().unwrap_or_else(|p| p.into_inner());
+        if *g != live {
+            *g = live;
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live
+            .read()
+            .map(|g| g.len())
+            .unwrap_or_else(|p| p.into_inner().len())
+    }
+
+    /// Detaches the stream of `id` if it is still generation `generation`.
+    pub fn detach_stream(&self, id: TunnelId, generation: u64) -> bool {
+        let detached = match self.peer(id) {
+            Some(mut p) if p.stream.as_ref().map(|s| s.generation) == Some(generation) => {
+                // Dropping the handle only aborts the reader if it is another task.
+                if let Some(mut s) = p.stream.take() {
+                    s.reader = None;
+                }
+                p.session.stream_down();
+                true
+            }
+            _ => false,
+        };
+        // Flows keep their pin: the peer's next stream carries the same tunnel id, and a flow
+        // whose tunnel stays down is re-pinned by its next outbound packet.
+        if detached {
+            self.refresh_live();
+        }
+        detached
+    }
+}

@@ -1,0 +1,261 @@
+//! Tunnel streams: accept (raw or CONNECT-prefixed), preamble, peer identification, binding a
+//! stream to its peer, and the per-stream reader and writer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use common::batch::PacketBatch;
+use common::connect::{format_response, parse_request, MAX_HEAD_LEN};
+use common::flow::TunnelId;
+use common::frame::{check_preamble, FrameDecoder, MAX_FRAME_LEN, PREAMBLE};
+use common::packet::PacketView;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tun_rs::AsyncDevice;
+
+use crate::state::{inc, lock, Server, StreamHandle, STREAM_QUEUE};
+
+/// Time a new stream has to send its CONNECT head, preamble and first message.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer size of a tunnel stream.
+const READ_BUF: usize = 256 * 1024;
+/// Most bytes coalesced into one write to a tunnel stream.
+const WRITE_COALESCE: usize = 256 * 1024;
+
+/// Reads until `buf` holds at least `n` bytes.
+async fn fill(r: &mut OwnedReadHalf, buf: &mut BytesMut, n: usize) -> Result<()> {
+    while buf.len() < n {
+        if r.read_buf(buf).await? == 0 {
+            bail!("stream closed after {} bytes", buf.len());
+        }
+    }
+    Ok(())
+}
+
+/// Handles an optional CONNECT head and the preamble; returns the first frame and what was
+/// read beyond it.
+async fn open_stream(
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+    decoder: &FrameDecoder,
+) -> Result<(BytesMut, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    fill(r, &mut buf, 8).await?;
+    if buf.starts_with(b"CONNECT ") {
+        let (head, len) = loop {
+            match parse_request(&buf).context("CONNECT head")? {
+                Some(h) => break h,
+                None => {
+                    if buf.len() >= MAX_HEAD_LEN || r.read_buf(&mut buf).await? == 0 {
+                        bail!("incomplete CONNECT head");
+                    }
+                }
+            }
+        };
+        tracing::debug!(target = %head.target, "tunnel stream begins with CONNECT");
+        let _ = buf.split_to(len);
+        w.write_all(&format_response(200, "Connection established", ""))
+            .await?;
+        fill(r, &mut buf, 8).await?;
+    }
+    let pre: [u8; 8] = buf
+        .get(..8)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| anyhow!("short preamble"))?;
+    check_preamble(&pre).context("preamble")?;
+    let _ = buf.split_to(PREAMBLE.len());
+    loop {
+        if let Some(frame) = decoder.decode(&mut buf)? {
+            return Ok((frame, buf));
+        }
+        if r.read_buf(&mut buf).await? == 0 {
+            bail!("stream closed before the first message");
+        }
+    }
+}
+
+/// Accepts one tunnel stream and serves it until it ends or is replaced.
+pub async fn serve_stream(
+    server: Arc<Server>,
+    tun: Arc<AsyncDevice>,
+    stream: TcpStream,
+    remote: String,
+) -> Result<()> {
+    let (mut r, mut w) = stream.into_split();
+    let decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let (first, rest) = tokio::time::timeout(ACCEPT_TIMEOUT, open_stream(&mut r, &mut w, &decoder))
+        .await
+        .map_err(|_| anyhow!("no preamble and first message within {ACCEPT_TIMEOUT:?}"))??;
+
+    let peer = server.hub.identify(&first).context("identify peer")?;
+    let id = peer as TunnelId;
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
+    let mut batch = PacketBatch::default();
+    let generation = {
+        let mut slot = server
+            .peer(id)
+            .ok_or_else(|| anyhow!("peer {peer} vanished"))?;
+        // The first message must authenticate before this stream may replace another.
+        slot.session
+            .decapsulate(&first, Instant::now(), &mut to_net, |p| {
+                accept_inbound(&server, id, p, &mut batch)
+            })
+            .context("first message")?;
+        slot.generation += 1;
+        let generation = slot.generation;
+        slot.session.stream_up(Instant::now(), &mut to_net)?;
+        if let Some(old) = slot.stream.replace(StreamHandle {
+            generation,
+            tx: tx.clone(),
+            reader: None,
+            remote: remote.clone(),
+        }) {
+            tracing::info!(peer, old = %old.remote, new = %remote, "newer stream replaces the peer's stream");
+        }
+        generation
+    };
+    inc(&server.stats.streams_accepted);
+    tracing::info!(peer, %remote, generation, "tunnel stream up");
+    if !to_net.is_empty() {
+        let _ = tx.try_send(to_net.split().freeze());
+    }
+    write_batch(&tun, &server, &mut batch).await;
+    server.refresh_live();
+
+    let writer = tokio::spawn(write_loop(server.clone(), rx, w));
+    let reader = {
+        let server = server.clone();
+        let tun = tun.clone();
+        tokio::spawn(async move { read_loop(server, tun, id, generation, r, rest, tx).await })
+    };
+    if let Some(mut slot) = server.peer(id) {
+        if let Some(s) = slot.stream.as_mut().filter(|s| s.generation == generation) {
+            s.reader = Some(reader.abort_handle());
+        } else {
+            reader.abort();
+        }
+    }
+    let res = match reader.await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(anyhow!("reader task failed: {e}")),
+    };
+    server.detach_stream(id, generation);
+    writer.abort();
+    tracing::info!(peer, %remote, generation, "tunnel stream down");
+    res
+}
+
+/// Checks a decrypted packet against the flow table and queues it for the TUN.
+fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], batch: &mut PacketBatch) {
+    let view = match PacketView::parse(p) {
+        Ok(v) => v,
+        Err(_) => {
+            inc(&server.stats.drops_malformed);
+            return;
+        }
+    };
+    let verdict = lock(&server.flows).inbound(&view, id, &server.shoot_networks, Instant::now());
+    match verdict {
+        Ok(()) => batch.push(p),
+        Err(reason) => {
+            inc(&server.stats.drops_flow);
+            tracing::trace!(src = %view.src(), dst = %view.dst(), reason = reason.reason(), "dropped packet from tunnel");
+        }
+    }
+}
+
+async fn write_batch(tun: &AsyncDevice, server: &Server, batch: &mut PacketBatch) {
+    for p in batch.iter() {
+        match tun.send(p).await {
+            Ok(_) => inc(&server.stats.tun_tx_packets),
+            Err(e) => tracing::debug!(error = %e, "TUN write failed"),
+        }
+    }
+    batch.clear();
+}
+
+async fn read_loop(
+    server: Arc<Server>,
+    tun: Arc<AsyncDevice>,
+    id: TunnelId,
+    generation: u64,
+    mut r: OwnedReadHalf,
+    mut buf: BytesMut,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<()> {
+    let decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
+    let mut batch = PacketBatch::default();
+    let mut was_established = false;
+    loop {
+        {
+            let mut slot = server
+                .peer(id)
+                .ok_or_else(|| anyhow!("peer {id} vanished"))?;
+            if slot.stream.as_ref().map(|s| s.generation) != Some(generation) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            while let Some(frame) = decoder.decode(&mut buf)? {
+                server
+                    .stats
+                    .tunnel_rx_bytes
+                    .fetch_add(frame.len() as u64 + 2, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
+                    accept_inbound(&server, id, p, &mut batch)
+                }) {
+                    if e.is_fatal() {
+                        return Err(e).context("tunnel message");
+                    }
+                    tracing::debug!(error = %e, "tunnel message dropped");
+                }
+            }
+            let established = slot.session.is_established();
+            if established != was_established {
+                was_established = established;
+                drop(slot);
+                server.refresh_live();
+            }
+        }
+        if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
+            inc(&server.stats.drops_queue_full);
+        }
+        write_batch(&tun, &server, &mut batch).await;
+        if buf.capacity() - buf.len() < MAX_FRAME_LEN {
+            buf.reserve(READ_BUF);
+        }
+        if r.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes queued frames, coalescing what is already queued into one write.
+async fn write_loop(server: Arc<Server>, mut rx: mpsc::Receiver<Bytes>, mut w: OwnedWriteHalf) {
+    let mut out = BytesMut::with_capacity(WRITE_COALESCE);
+    while let Some(first) = rx.recv().await {
+        out.extend_from_slice(&first);
+        while out.len() < WRITE_COALESCE {
+            match rx.try_recv() {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        server
+            .stats
+            .tunnel_tx_bytes
+            .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = w.write_all(&out).await {
+            tracing::debug!(error = %e, "tunnel stream write failed");
+            return;
+        }
+        out.clear();
+    }
+    let _ = w.shutdown().await;
+}

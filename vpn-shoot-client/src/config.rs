@@ -1,0 +1,366 @@
+//! Command line and environment of `vpn-shoot-client`, validated into a [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+
+/// Reversed VPN shoot client: dials out through the seed's ingress with HTTP CONNECT, carries
+/// the seed's connections into the shoot's pod, service and node networks.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "vpn-shoot-client",
+    version,
+    about,
+    long_about = None,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+/// Key helpers, compatible with `wg genkey` and `wg pubkey`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print a new private key (base64).
+    Keygen,
+    /// Read a private key on stdin and print its public key.
+    Pubkey,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Ingress endpoint host:port (the seed's shared load balancer; default port 8132).
+    #[arg(long, env = "ENDPOINT", required = true)]
+    pub endpoint: Option<String>,
+
+    /// Target of the CONNECT request [default: <endpoint host>:1194].
+    #[arg(long, env = "CONNECT_TARGET")]
+    pub connect_target: Option<String>,
+
+    /// Name of the header the ingress routes by.
+    #[arg(long, env = "REVERSED_VPN_HEADER_KEY", default_value = "Reversed-VPN")]
+    pub header_name: String,
+
+    /// Header value, one per seed server replica (repeatable; comma-separated in the
+    /// environment). One tunnel is kept to each.
+    #[arg(
+        long = "header-value",
+        env = "REVERSED_VPN_HEADER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub header_values: Vec<String>,
+
+    /// Use TLS to the ingress.
+    #[arg(long, env = "ENDPOINT_TLS", default_value_t = false)]
+    pub endpoint_tls: bool,
+
+    /// CA bundle to verify the ingress certificate with (PEM).
+    #[arg(
+        long,
+        env = "ENDPOINT_CA",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
+    pub endpoint_ca: PathBuf,
+
+    /// File holding the client's WireGuard private key (base64, as `wg genkey` writes it).
+    #[arg(long, env = "PRIVATE_KEY_FILE", required = true)]
+    pub private_key_file: Option<PathBuf>,
+
+    /// File holding an optional WireGuard pre-shared key.
+    #[arg(long, env = "PRESHARED_KEY_FILE")]
+    pub preshared_key_file: Option<PathBuf>,
+
+    /// The seed server's WireGuard public key (base64).
+    #[arg(long, env = "SERVER_PUBLIC_KEY", required = true)]
+    pub server_public_key: Option<String>,
+
+    /// VPN transfer networks (one IPv4 and/or one IPv6 CIDR).
+    #[arg(
+        long,
+        env = "VPN_NETWORK",
+        default_value = "192.168.123.0/24,fd8f:6d53:b97a:1::/96"
+    )]
+    pub vpn_network: String,
+
+    /// Name of the TUN device.
+    #[arg(long, env = "TUN_NAME", default_value = "tun0")]
+    pub tun_name: String,
+
+    /// MTU of the TUN device.
+    #[arg(long, env = "MTU", default_value_t = 1400)]
+    pub mtu: u16,
+
+    /// Masquerade traffic from the VPN network leaving by other interfaces.
+    #[arg(long, env = "MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+
+    /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "[::]:15001")]
+    pub metrics_listen: String,
+
+    /// WireGuard keepalive interval; a tunnel silent for 3 intervals is reconnected.
+    #[arg(long, env = "KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+
+    /// Time allowed to reach the ingress and get its answer.
+    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub endpoint_host: String,
+    pub endpoint_port: u16,
+    pub connect_target: String,
+    pub header_name: String,
+    pub header_values: Vec<String>,
+    pub endpoint_tls: Option<PathBuf>,
+    pub private_key_file: PathBuf,
+    pub preshared_key_file: Option<PathBuf>,
+    pub server_public_key: String,
+    pub vpn_networks: Vec<IpNet>,
+    pub tun_name: String,
+    pub mtu: u16,
+    pub masquerade: bool,
+    pub metrics_listen: Option<SocketAddr>,
+    pub keepalive: Duration,
+    pub dial_timeout: Duration,
+}
+
+/// Splits `host:port` (IPv6 in brackets); `default_port` when the port is missing.
+pub fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: missing ']'"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h.to_string(), Some(p)),
+            None if after.is_empty() => (h.to_string(), None),
+            None => return Err(format!("{s:?}: junk after ']'")),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p)),
+            _ => (s.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: bad port {p:?}"))?,
+        None => default_port,
+    };
+    Ok((host, port))
+}
+
+impl Args {
+    /// Validates everything and reports all errors at once.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut errs = Vec::new();
+        let (endpoint_host, endpoint_port) =
+            match self.endpoint.as_deref().map(|e| split_host_port(e, 8132)) {
+                Some(Ok(hp)) => hp,
+                Some(Err(e)) => {
+                    errs.push(format!("--endpoint {e}"));
+                    (String::new(), 0)
+                }
+                None => {
+                    errs.push("--endpoint is required".into());
+                    (String::new(), 0)
+                }
+            };
+        let connect_target = self.connect_target.clone().unwrap_or_else(|| {
+            if endpoint_host.contains(':') {
+                format!("[{endpoint_host}]:1194")
+            } else {
+                format!("{endpoint_host}:1194")
+            }
+        });
+        let bad_header = |s: &str| s.is_empty() || s.bytes().any(|b| b.is_ascii_control());
+        if bad_header(&connect_target) || connect_target.contains(' ') {
+            errs.push(format!(
+                "--connect-target {connect_target:?}: not a valid target"
+            ));
+        }
+        if bad_header(&self.header_name)
+            || !self
+                .header_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            errs.push(format!(
+                "--header-name {:?}: not a valid header name",
+                self.header_name
+            ));
+        }
+        let header_values: Vec<String> = self
+            .header_values
+            .iter()
+            .map(|v| v.trim().to_string())
+            .collect();
+        if header_values.is_empty() {
+            errs.push("--header-value: give at least one".into());
+        }
+        for v in &header_values {
+            if bad_header(v) {
+                errs.push(format!(
+                    "--header-value {v:?}: empty or has control characters"
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for v in &header_values {
+            if !seen.insert(v) {
+                errs.push(format!("--header-value {v:?} given twice"));
+            }
+        }
+        let server_public_key = self.server_public_key.clone().unwrap_or_default();
+        if let Err(e) = common::keys::parse_public_key(&server_public_key) {
+            errs.push(format!("--server-public-key: {e}"));
+        }
+        let private_key_file = self.private_key_file.clone().unwrap_or_default();
+        if private_key_file.as_os_str().is_empty() {
+            errs.push("--private-key-file is required".into());
+        }
+        let vpn_networks = match common::cidr::parse_list(&self.vpn_network) {
+            Ok(set) => {
+                let nets: Vec<IpNet> = set.iter().copied().collect();
+                let v4 = nets.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
+                if nets.is_empty() || v4 > 1 || nets.len() - v4 > 1 {
+                    errs.push(format!(
+                        "--vpn-network {:?}: give one IPv4 and/or one IPv6 network",
+                        self.vpn_network
+                    ));
+                }
+                nets
+            }
+            Err(e) => {
+                errs.push(format!("--vpn-network: {e}"));
+                Vec::new()
+            }
+        };
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            errs.push(format!(
+                "--tun-name {:?}: must be 1 to 15 characters",
+                self.tun_name
+            ));
+        }
+        if !(1280..=9000).contains(&self.mtu) {
+            errs.push(format!("--mtu {}: must be within 1280..=9000", self.mtu));
+        }
+        let metrics_listen =
+            if self.metrics_listen.eq_ignore_ascii_case("off") || self.metrics_listen.is_empty() {
+                None
+            } else {
+                match self.metrics_listen.parse() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        errs.push(format!("--metrics-listen {:?}: {e}", self.metrics_listen));
+                        None
+                    }
+                }
+            };
+        if self.keepalive < Duration::from_secs(1) {
+            errs.push("--keepalive must be at least 1s".into());
+        }
+        if self.dial_timeout.is_zero() {
+            errs.push("--dial-timeout must be positive".into());
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Config {
+            endpoint_host,
+            endpoint_port,
+            connect_target,
+            header_name: self.header_name,
+            header_values,
+            endpoint_tls: self.endpoint_tls.then_some(self.endpoint_ca),
+            private_key_file,
+            preshared_key_file: self.preshared_key_file,
+            server_public_key,
+            vpn_networks,
+            tun_name: self.tun_name,
+            mtu: self.mtu,
+            masquerade: self.masquerade,
+            metrics_listen,
+            keepalive: self.keepalive,
+            dial_timeout: self.dial_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.b:1", 9).unwrap(), ("a.b".into(), 1));
+        assert_eq!(split_host_port("a.b", 9).unwrap(), ("a.b".into(), 9));
+        assert_eq!(split_host_port("[::1]:5", 9).unwrap(), ("::1".into(), 5));
+        assert_eq!(split_host_port("[::1]", 9).unwrap(), ("::1".into(), 9));
+        assert!(split_host_port("a:0", 9).is_err());
+        assert!(split_host_port(":80", 9).is_err());
+    }
+
+    #[test]
+    fn subcommands_need_no_flags() {
+        let cli = Cli::try_parse_from(["vpn-shoot-client", "keygen"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Keygen)));
+    }
+
+    #[test]
+    fn default_target_and_all_errors() {
+        let cli = Cli::try_parse_from([
+            "vpn-shoot-client",
+            "--endpoint",
+            "api.example:8132",
+            "--header-value",
+            "vpn-seed-server",
+            "--private-key-file",
+            "/k",
+            "--server-public-key",
+            "bad",
+            "--mtu",
+            "70000",
+        ]);
+        // mtu out of u16 range is a parse error already.
+        assert!(cli.is_err());
+        let cli = Cli::try_parse_from([
+            "vpn-shoot-client",
+            "--endpoint",
+            "api.example:8132",
+            "--header-value",
+            "vpn-seed-server",
+            "--private-key-file",
+            "/k",
+            "--server-public-key",
+            "bad",
+            "--mtu",
+            "100",
+        ])
+        .unwrap();
+        let errs = cli.args.validate().unwrap_err().join("\n");
+        assert!(errs.contains("--server-public-key"), "{errs}");
+        assert!(errs.contains("--mtu 100"), "{errs}");
+    }
+}

@@ -1,0 +1,534 @@
+//! The shoot client's tasks: one connection manager per seed server replica, the TUN pump, the
+//! session timers and the health endpoint, all sharing one TUN.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use bytes::{Bytes, BytesMut};
+use common::batch::PacketBatch;
+use common::flow::{FlowConfig, FlowTable, TunnelId};
+use common::frame::{FrameDecoder, MAX_FRAME_LEN};
+use common::io::health::Health;
+use common::io::netlink::Netlink;
+use common::io::tun::TunConfig;
+use common::packet::PacketView;
+use common::session::{Session, SessionConfig, SessionError};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tun_rs::AsyncDevice;
+
+use crate::config::Config;
+use crate::dialer::{Dialer, Writer};
+
+const STREAM_QUEUE: usize = 1024;
+const READ_BUF: usize = 256 * 1024;
+const WRITE_COALESCE: usize = 256 * 1024;
+const TICK: Duration = Duration::from_millis(250);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A stream that lived this long resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(30);
+
+struct StreamHandle {
+    generation: u64,
+    tx: mpsc::Sender<Bytes>,
+    reader: Option<AbortHandle>,
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+    }
+}
+
+struct TunnelSlot {
+    name: String,
+    session: Session,
+    stream: Option<StreamHandle>,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    reconnects: AtomicU64,
+    tun_rx_packets: AtomicU64,
+    tun_tx_packets: AtomicU64,
+    tunnel_rx_bytes: AtomicU64,
+    tunnel_tx_bytes: AtomicU64,
+    drops: AtomicU64,
+}
+
+struct Client {
+    tunnels: Vec<Mutex<TunnelSlot>>,
+    flows: Mutex<FlowTable>,
+    stats: Stats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Client {
+    fn slot(&self, id: TunnelId) -> Option<MutexGuard<'_, TunnelSlot>> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.tunnels.get(i))
+            .map(lock)
+    }
+
+    fn up(&self) -> Vec<bool> {
+        self.tunnels
+            .iter()
+            .map(|t| {
+                let t = lock(t);
+                t.stream.is_some() && t.session.is_established()
+            })
+            .collect()
+    }
+}
+
+impl Health for Client {
+    fn ready(&self) -> (bool, String) {
+        let up = self.up();
+        let n = up.iter().filter(|u| **u).count();
+        (n == up.len(), format!("{n} of {} tunnels up", up.len()))
+    }
+
+    fn metrics(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        let mut out = String::new();
+        out.push_str("# HELP vpn_shoot_tunnel_up Whether the tunnel to a seed server is up.\n# TYPE vpn_shoot_tunnel_up gauge\n");
+        for (t, up) in self.tunnels.iter().zip(self.up()) {
+            out.push_str(&format!(
+                "vpn_shoot_tunnel_up{{server=\"{}\"}} {}\n",
+                lock(t).name,
+                u8::from(up)
+            ));
+        }
+        for (name, help, v) in [
+            (
+                "vpn_shoot_reconnects_total",
+                "Tunnel streams opened after the first.",
+                g(&s.reconnects),
+            ),
+            (
+                "vpn_shoot_tun_rx_packets_total",
+                "Packets read from the TUN.",
+                g(&s.tun_rx_packets),
+            ),
+            (
+                "vpn_shoot_tun_tx_packets_total",
+                "Packets written to the TUN.",
+                g(&s.tun_tx_packets),
+            ),
+            (
+                "vpn_shoot_tunnel_rx_bytes_total",
+                "Bytes read from tunnel streams.",
+                g(&s.tunnel_rx_bytes),
+            ),
+            (
+                "vpn_shoot_tunnel_tx_bytes_total",
+                "Bytes written to tunnel streams.",
+                g(&s.tunnel_tx_bytes),
+            ),
+            (
+                "vpn_shoot_packets_dropped_total",
+                "Packets dropped (no tunnel up, queue full).",
+                g(&s.drops),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// What the client installs in the shoot's network namespace; removed on exit.
+struct NetSetup {
+    nat: common::io::nft::ShootNat,
+}
+
+async fn setup_network(cfg: &Config) -> Result<(Arc<AsyncDevice>, NetSetup)> {
+    let tun = common::io::tun::create(&TunConfig {
+        name: cfg.tun_name.clone(),
+        mtu: cfg.mtu,
+        addrs: Vec::new(),
+        offload: false,
+    })
+    .with_context(|| format!("TUN {}", cfg.tun_name))?;
+    let has_v6 = cfg
+        .vpn_networks
+        .iter()
+        .any(|n| matches!(n, ipnet::IpNet::V6(_)));
+    common::io::sysctl::shoot_forwarding(&cfg.tun_name, has_v6).context("sysctls")?;
+    let netlink = Netlink::new().await.context("netlink")?;
+    netlink
+        .install_vpn_routes(&cfg.tun_name, &cfg.vpn_networks)
+        .await
+        .context("VPN routes")?;
+    let nat =
+        common::io::nft::ShootNat::install(&cfg.tun_name, &cfg.vpn_networks, cfg.masquerade, true)
+            .context("nftables")?;
+    Ok((Arc::new(tun), NetSetup { nat }))
+}
+
+/// Runs the client until `shutdown` completes or a component fails.
+pub async fn run(
+    cfg: Config,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let private = common::keys::load_private_key(&cfg.private_key_file)
+        .with_context(|| format!("private key {}", cfg.private_key_file.display()))?;
+    let server_public = common::keys::parse_public_key(&cfg.server_public_key)?;
+    let psk = match &cfg.preshared_key_file {
+        Some(p) => Some(
+            common::keys::load_psk(p).with_context(|| format!("pre-shared key {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let scfg = SessionConfig {
+        keepalive: cfg.keepalive,
+        dead_after: 3,
+    };
+    let now = Instant::now();
+    let mut dialers = Vec::new();
+    let mut tunnels = Vec::new();
+    for (i, value) in cfg.header_values.iter().enumerate() {
+        dialers.push(Dialer::new(&cfg, value)?);
+        let index = u32::try_from(i + 1).map_err(|_| anyhow!("too many servers"))?;
+        tunnels.push(Mutex::new(TunnelSlot {
+            name: value.clone(),
+            session: Session::new(
+                private.clone(),
+                server_public,
+                psk,
+                index,
+                scfg.clone(),
+                None,
+                now,
+            ),
+            stream: None,
+            generation: 0,
+        }));
+    }
+    let client = Arc::new(Client {
+        tunnels,
+        flows: Mutex::new(FlowTable::new(FlowConfig::default())),
+        stats: Stats::default(),
+    });
+    let (tun, net) = setup_network(&cfg).await?;
+    tracing::info!(tun = %cfg.tun_name, endpoint = %format!("{}:{}", cfg.endpoint_host, cfg.endpoint_port), servers = ?cfg.header_values, "shoot client up");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, d) in dialers.into_iter().enumerate() {
+        tasks.spawn(keep_connected(
+            client.clone(),
+            tun.clone(),
+            i as TunnelId,
+            d,
+        ));
+    }
+    tasks.spawn(pump_tun(client.clone(), tun.clone()));
+    tasks.spawn(timers(client.clone()));
+    if let Some(l) = metrics {
+        let h: Arc<dyn Health> = client.clone();
+        tasks.spawn(async move {
+            common::io::health::serve(l, h).await;
+            Err(anyhow!("metrics server stopped"))
+        });
+    }
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        Some(res) = tasks.join_next() => match res {
+            Ok(Ok(())) => Err(anyhow!("a client task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow!("a client task failed: {e}")),
+        },
+    };
+    tasks.abort_all();
+    if let Err(e) = net.nat.remove() {
+        tracing::warn!(error = %e, "cannot remove nftables rules");
+    }
+    result
+}
+
+/// Keeps one tunnel connected: dial, serve, back off with full jitter, repeat.
+async fn keep_connected(
+    client: Arc<Client>,
+    tun: Arc<AsyncDevice>,
+    id: TunnelId,
+    dialer: Dialer,
+) -> Result<()> {
+    let mut backoff = BACKOFF_MIN;
+    let mut attempts: u64 = 0;
+    loop {
+        let started = Instant::now();
+        match connect_once(&client, &tun, id, &dialer, attempts).await {
+            Ok(()) => tracing::info!(tunnel = id, "tunnel stream ended"),
+            Err(e) => tracing::warn!(
+                tunnel = id,
+                error = format!("{e:#}"),
+                "tunnel stream failed"
+            ),
+        }
+        attempts += 1;
+        if started.elapsed() >= BACKOFF_RESET {
+            backoff = BACKOFF_MIN;
+        }
+        let wait =
+            Duration::from_millis(rand::thread_rng().gen_range(0..=backoff.as_millis() as u64));
+        tracing::debug!(tunnel = id, ?wait, "reconnecting after backoff");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect_once(
+    client: &Arc<Client>,
+    tun: &Arc<AsyncDevice>,
+    id: TunnelId,
+    dialer: &Dialer,
+    attempts: u64,
+) -> Result<()> {
+    // The first message is prepared before dialing so it goes out with the preamble.
+    let mut first = BytesMut::with_capacity(MAX_FRAME_LEN);
+    {
+        let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
+        slot.session.stream_up(Instant::now(), &mut first)?;
+    }
+    let dialed = dialer.dial(&first).await?;
+    if attempts > 0 {
+        inc(&client.stats.reconnects);
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let generation = {
+        let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
+        slot.generation += 1;
+        slot.stream = Some(StreamHandle {
+            generation: slot.generation,
+            tx: tx.clone(),
+            reader: None,
+        });
+        slot.generation
+    };
+    tracing::info!(tunnel = id, remote = %dialed.remote, "tunnel stream open");
+    let writer = tokio::spawn(write_loop(client.clone(), rx, dialed.writer));
+    let reader = {
+        let client = client.clone();
+        let tun = tun.clone();
+        tokio::spawn(async move {
+            read_loop(
+                client,
+                tun,
+                id,
+                generation,
+                dialed.reader,
+                dialed.leftover,
+                tx,
+            )
+            .await
+        })
+    };
+    if let Some(mut slot) = client.slot(id) {
+        match slot.stream.as_mut() {
+            Some(s) if s.generation == generation => s.reader = Some(reader.abort_handle()),
+            _ => reader.abort(),
+        }
+    }
+    let res = match reader.await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Err(anyhow!("stream closed (dead peer)")),
+        Err(e) => Err(anyhow!("reader task failed: {e}")),
+    };
+    writer.abort();
+    if let Some(mut slot) = client.slot(id) {
+        if slot.stream.as_ref().map(|s| s.generation) == Some(generation) {
+            if let Some(mut s) = slot.stream.take() {
+                s.reader = None;
+            }
+            slot.session.stream_down();
+        }
+    }
+    res
+}
+
+async fn read_loop(
+    client: Arc<Client>,
+    tun: Arc<AsyncDevice>,
+    id: TunnelId,
+    generation: u64,
+    mut r: crate::dialer::Reader,
+    mut buf: BytesMut,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<()> {
+    let decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
+    let mut batch = PacketBatch::default();
+    loop {
+        {
+            let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
+            if slot.stream.as_ref().map(|s| s.generation) != Some(generation) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            while let Some(frame) = decoder.decode(&mut buf)? {
+                client
+                    .stats
+                    .tunnel_rx_bytes
+                    .fetch_add(frame.len() as u64 + 2, Ordering::Relaxed);
+                let res = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
+                    if let Ok(view) = PacketView::parse(p) {
+                        let _ = lock(&client.flows).from_tunnel(&view, id, now);
+                        batch.push(p);
+                    }
+                });
+                if let Err(e) = res {
+                    if e.is_fatal() {
+                        return Err(e).context("tunnel message");
+                    }
+                    tracing::debug!(error = %e, "tunnel message dropped");
+                }
+            }
+        }
+        if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
+            inc(&client.stats.drops);
+        }
+        for p in batch.iter() {
+            match tun.send(p).await {
+                Ok(_) => inc(&client.stats.tun_tx_packets),
+                Err(e) => tracing::debug!(error = %e, "TUN write failed"),
+            }
+        }
+        batch.clear();
+        if buf.capacity() - buf.len() < MAX_FRAME_LEN {
+            buf.reserve(READ_BUF);
+        }
+        if r.read_buf(&mut buf).await? == 0 {
+            return Err(anyhow!("server closed the stream"));
+        }
+    }
+}
+
+async fn write_loop(client: Arc<Client>, mut rx: mpsc::Receiver<Bytes>, mut w: Writer) {
+    let mut out = BytesMut::with_capacity(WRITE_COALESCE);
+    while let Some(first) = rx.recv().await {
+        out.extend_from_slice(&first);
+        while out.len() < WRITE_COALESCE {
+            match rx.try_recv() {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        client
+            .stats
+            .tunnel_tx_bytes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        if let Err(e) = w.write_all(&out).await {
+            tracing::debug!(error = %e, "tunnel stream write failed");
+            return;
+        }
+        out.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Shoot TUN → the tunnel the flow came from (or any live tunnel) → encrypt → stream.
+async fn pump_tun(client: Arc<Client>, tun: Arc<AsyncDevice>) -> Result<()> {
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    let mut out = BytesMut::with_capacity(4 * MAX_FRAME_LEN);
+    loop {
+        let n = tun.recv(&mut buf).await.context("TUN read")?;
+        let Some(pkt) = buf.get(..n) else { continue };
+        inc(&client.stats.tun_rx_packets);
+        let now = Instant::now();
+        let Ok(view) = PacketView::parse(pkt) else {
+            inc(&client.stats.drops);
+            continue;
+        };
+        let pinned = lock(&client.flows).reply_tunnel(&view, now);
+        let mut sent = false;
+        let order = pinned
+            .into_iter()
+            .chain(0..client.tunnels.len() as TunnelId);
+        for id in order {
+            let Some(mut slot) = client.slot(id) else {
+                continue;
+            };
+            let Some(stream) = slot.stream.as_ref() else {
+                continue;
+            };
+            let tx = stream.tx.clone();
+            if out.capacity() < 2 * MAX_FRAME_LEN {
+                out.reserve(4 * MAX_FRAME_LEN);
+            }
+            if let Err(e) = slot.session.encapsulate(pkt, now, &mut out) {
+                tracing::debug!(error = %e, "encapsulate failed");
+                out.clear();
+                break;
+            }
+            drop(slot);
+            if !out.is_empty() {
+                sent = tx.try_send(out.split().freeze()).is_ok();
+            }
+            break;
+        }
+        if !sent {
+            inc(&client.stats.drops);
+        }
+    }
+}
+
+async fn timers(client: Arc<Client>) -> Result<()> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = BytesMut::with_capacity(MAX_FRAME_LEN);
+    let mut last_expire = Instant::now();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for (i, slot) in client.tunnels.iter().enumerate() {
+            let mut slot = lock(slot);
+            match slot.session.tick(now, &mut out) {
+                Ok(()) => {}
+                Err(SessionError::DeadPeer) if slot.stream.is_some() => {
+                    tracing::warn!(
+                        tunnel = i,
+                        "no message from the server for too long; reconnecting"
+                    );
+                    slot.stream = None;
+                    slot.session.stream_down();
+                }
+                Err(e) => tracing::debug!(tunnel = i, error = %e, "session timer"),
+            }
+            if !out.is_empty() {
+                let frames = out.split().freeze();
+                if let Some(s) = &slot.stream {
+                    let _ = s.tx.try_send(frames);
+                }
+            }
+        }
+        if now.duration_since(last_expire) >= Duration::from_secs(1) {
+            last_expire = now;
+            lock(&client.flows).expire(now);
+        }
+    }
+}
