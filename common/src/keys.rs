@@ -1,1 +1,310 @@
-//! TODO
+//! WireGuard key files: 32 bytes in standard base64, compatible with `wg genkey` / `wg pubkey`.
+//!
+//! Errors describe what is wrong with a key but never contain key material.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use rand::RngCore;
+
+/// Largest key file we read (a key is 44 characters; the rest is slack for whitespace).
+pub const MAX_KEY_FILE_LEN: u64 = 4096;
+
+/// Error while parsing or loading a key.
+#[derive(thiserror::Error, Debug)]
+pub enum KeyError {
+    /// The key text is empty (after trimming whitespace).
+    #[error("key is empty")]
+    Empty,
+    /// The key text is far longer than a base64 key.
+    #[error("key text is too long ({0} characters, a key has 44)")]
+    TooLong(usize),
+    /// The key text is not standard base64.
+    #[error("key is not valid base64")]
+    Base64,
+    /// The key decodes to the wrong number of bytes.
+    #[error("key decodes to {0} bytes, expected 32")]
+    Length(usize),
+    /// The key file cannot be read.
+    #[error("cannot read key file {}: {source}", path.display())]
+    Io {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The key file is larger than [`MAX_KEY_FILE_LEN`].
+    #[error("key file {} is too large (more than {MAX_KEY_FILE_LEN} bytes)", path.display())]
+    FileTooLarge {
+        /// File path.
+        path: PathBuf,
+    },
+    /// The key file's content is not a valid key.
+    #[error("key file {}: {reason}", path.display())]
+    InFile {
+        /// File path.
+        path: PathBuf,
+        /// What is wrong with the content.
+        reason: Box<KeyError>,
+    },
+}
+
+/// Generates a new private key (random, clamped like `wg genkey`), base64 without newline.
+pub fn generate_private_key() -> String {
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    key[0] &= 248;
+    key[31] &= 127;
+    key[31] |= 64;
+    STANDARD.encode(key)
+}
+
+/// Public key (base64) of a base64 private key, like `wg pubkey`.
+pub fn public_key_of(private_b64: &str) -> Result<String, KeyError> {
+    let secret = StaticSecret::from(parse_key(private_b64)?);
+    Ok(STANDARD.encode(PublicKey::from(&secret).as_bytes()))
+}
+
+/// Parses a base64 key (surrounding whitespace ignored) into exactly 32 bytes.
+pub fn parse_key(b64: &str) -> Result<[u8; 32], KeyError> {
+    let text = b64.trim();
+    if text.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if text.len() > 256 {
+        return Err(KeyError::TooLong(text.len()));
+    }
+    let bytes = STANDARD.decode(text).map_err(|_| KeyError::Base64)?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
+}
+
+/// Parses a base64 public key.
+pub fn parse_public_key(b64: &str) -> Result<PublicKey, KeyError> {
+    parse_key(b64).map(PublicKey::from)
+}
+
+/// Encodes a public key as base64 (for logs and messages).
+pub fn encode_public_key(key: &PublicKey) -> String {
+    STANDARD.encode(key.as_bytes())
+}
+
+/// Loads a private key file. Warns (naming only the path) when group or others may read it.
+pub fn load_private_key(path: &Path) -> Result<StaticSecret, KeyError> {
+    load_key_file(path).map(StaticSecret::from)
+}
+
+/// Loads a pre-shared key file (same format as a private key).
+pub fn load_psk(path: &Path) -> Result<[u8; 32], KeyError> {
+    load_key_file(path)
+}
+
+fn load_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+    let io_err = |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    warn_if_readable_by_others(path, &meta);
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                KeyError::InFile {
+                    path: path.to_path_buf(),
+                    reason: Box::new(KeyError::Base64),
+                }
+            } else {
+                io_err(e)
+            }
+        })?;
+    if text.len() as u64 > MAX_KEY_FILE_LEN {
+        return Err(KeyError::FileTooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    parse_key(&text).map_err(|reason| KeyError::InFile {
+        path: path.to_path_buf(),
+        reason: Box::new(reason),
+    })
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path, meta: &std::fs::Metadata) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{:o}", mode & 0o777),
+            "key file is accessible by group or others"
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_path: &Path, _meta: &std::fs::Metadata) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    // RFC 7748 section 6.1 (Alice).
+    const PRIV_HEX: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const PUB_HEX: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a";
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("keys-test-{}-{name}", std::process::id()))
+    }
+
+    fn write_file(path: &Path, content: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = std::fs::File::create(path).unwrap();
+        f.write_all(content).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn known_vector() {
+        let private = STANDARD.encode(hex(PRIV_HEX));
+        let public = public_key_of(&format!("  {private}\n")).unwrap();
+        assert_eq!(public, STANDARD.encode(hex(PUB_HEX)));
+        assert_eq!(
+            parse_public_key(&public).unwrap().as_bytes().as_slice(),
+            hex(PUB_HEX)
+        );
+    }
+
+    #[test]
+    fn generated_keys_are_clamped_and_match_wg() {
+        let k = generate_private_key();
+        assert_eq!(k.len(), 44);
+        assert!(!k.ends_with('\n'));
+        let bytes = parse_key(&k).unwrap();
+        assert_eq!(bytes[0] & 7, 0);
+        assert_eq!(bytes[31] & 0xc0, 0x40);
+        let ours = public_key_of(&k).unwrap();
+        // Compare with the reference tool when it is installed.
+        let wg = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn();
+        if let Ok(mut child) = wg {
+            child.stdin.take().unwrap().write_all(k.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), ours);
+        }
+    }
+
+    #[test]
+    fn bad_keys() {
+        assert!(matches!(parse_key(" \n"), Err(KeyError::Empty)));
+        assert!(matches!(parse_key("AAAA"), Err(KeyError::Length(3))));
+        let long = STANDARD.encode([7u8; 33]);
+        assert!(matches!(parse_key(&long), Err(KeyError::Length(33))));
+        let bad = "secretsecret!secretsecretsecretsecretsecret=";
+        let err = parse_key(bad).unwrap_err();
+        assert!(matches!(err, KeyError::Base64));
+        assert!(!err.to_string().contains("secret"));
+        assert!(matches!(
+            parse_key(&"A".repeat(1000)),
+            Err(KeyError::TooLong(1000))
+        ));
+    }
+
+    #[test]
+    fn load_files() {
+        let good = temp_path("good");
+        let private = STANDARD.encode(hex(PRIV_HEX));
+        write_file(&good, format!("{private}\n").as_bytes(), 0o600);
+        let secret = load_private_key(&good).unwrap();
+        assert_eq!(PublicKey::from(&secret).as_bytes().as_slice(), hex(PUB_HEX));
+        assert_eq!(load_psk(&good).unwrap().as_slice(), hex(PRIV_HEX));
+
+        let big = temp_path("big");
+        write_file(&big, &vec![b'A'; 5000], 0o600);
+        assert!(matches!(
+            load_private_key(&big),
+            Err(KeyError::FileTooLarge { .. })
+        ));
+
+        let bad = temp_path("bad");
+        write_file(&bad, b"not a key at all", 0o600);
+        let err = load_private_key(&bad).err().unwrap();
+        assert!(matches!(err, KeyError::InFile { .. }));
+        assert!(err.to_string().contains(&bad.display().to_string()));
+        assert!(!err.to_string().contains("not a key"));
+
+        let missing = temp_path("missing");
+        assert!(matches!(
+            load_private_key(&missing),
+            Err(KeyError::Io { .. })
+        ));
+        for p in [good, big, bad] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn permission_warning_names_path_only() {
+        let private = STANDARD.encode(hex(PRIV_HEX));
+        let open = temp_path("open");
+        write_file(&open, private.as_bytes(), 0o644);
+        let closed = temp_path("closed");
+        write_file(&closed, private.as_bytes(), 0o600);
+
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            load_private_key(&closed).unwrap();
+        });
+        assert!(capture.0.lock().unwrap().is_empty());
+
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            load_private_key(&open).unwrap();
+        });
+        let logged = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("WARN"), "{logged}");
+        assert!(logged.contains(&open.display().to_string()));
+        assert!(logged.contains("644"));
+        assert!(!logged.contains(&private));
+        std::fs::remove_file(open).unwrap();
+        std::fs::remove_file(closed).unwrap();
+    }
+}

@@ -16,7 +16,7 @@ use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
 use common::packet::PacketView;
-use common::session::{SessionConfig, SessionError};
+use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tun_rs::AsyncDevice;
@@ -218,6 +218,11 @@ fn build_server(cfg: &Config) -> Result<Server> {
         peers: slots,
         flows: Mutex::new(FlowTable::new(FlowConfig::default())),
         shoot_networks: cfg.shoot_networks.clone(),
+        tunnel_sources: {
+            let mut s = cfg.shoot_networks.clone();
+            s.extend(cfg.vpn_networks.iter().copied());
+            s
+        },
         live: RwLock::new(Vec::new()),
         stats: Stats::default(),
     })
@@ -425,6 +430,12 @@ async fn pump_tun(server: Arc<Server>, tun: Arc<AsyncDevice>) -> Result<()> {
                 continue;
             }
         };
+        if !server.shoot_networks.contains(view.dst()) {
+            // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
+            // someone else: nothing outside the shoot networks enters the tunnel.
+            inc(&server.stats.drops_flow);
+            continue;
+        }
         let now = Instant::now();
         let pinned = {
             let live = server.live.read().unwrap_or_else(|p| p.into_inner());
@@ -474,11 +485,8 @@ async fn timers(server: Arc<Server>, tls: Option<Arc<ReloadingServerConfig>>) ->
             let mut slot = lock(slot);
             match slot.session.tick(now, &mut out) {
                 Ok(()) => {}
-                Err(SessionError::DeadPeer) if slot.stream.is_some() => {
-                    tracing::warn!(
-                        peer = i,
-                        "no message from peer for too long; closing its stream"
-                    );
+                Err(e) if e.is_fatal() && slot.stream.is_some() => {
+                    tracing::warn!(peer = i, error = %e, "closing the peer's stream");
                     slot.stream = None;
                     slot.session.stream_down();
                     changed = true;

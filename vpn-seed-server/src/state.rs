@@ -83,6 +83,9 @@ pub struct Server {
     pub peers: Vec<Mutex<PeerSlot>>,
     pub flows: Mutex<FlowTable>,
     pub shoot_networks: CidrSet,
+    /// Sources accepted from the tunnel: the shoot networks and the VPN networks (ICMP errors
+    /// the shoot client's kernel sends about a flow).
+    pub tunnel_sources: CidrSet,
     /// Peers whose stream is up and whose session is established, ascending.
     pub live: RwLock<Vec<TunnelId>>,
     pub stats: Stats,

@@ -160,7 +160,7 @@ fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], batch: &mut PacketBat
             return;
         }
     };
-    let verdict = lock(&server.flows).inbound(&view, id, &server.shoot_networks, Instant::now());
+    let verdict = lock(&server.flows).inbound(&view, id, &server.tunnel_sources, Instant::now());
     match verdict {
         Ok(()) => batch.push(p),
         Err(reason) => {

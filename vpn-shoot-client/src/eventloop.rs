@@ -15,7 +15,7 @@ use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
 use common::packet::PacketView;
-use common::session::{Session, SessionConfig, SessionError};
+use common::session::{Session, SessionConfig};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -509,11 +509,8 @@ async fn timers(client: Arc<Client>) -> Result<()> {
             let mut slot = lock(slot);
             match slot.session.tick(now, &mut out) {
                 Ok(()) => {}
-                Err(SessionError::DeadPeer) if slot.stream.is_some() => {
-                    tracing::warn!(
-                        tunnel = i,
-                        "no message from the server for too long; reconnecting"
-                    );
+                Err(e) if e.is_fatal() && slot.stream.is_some() => {
+                    tracing::warn!(tunnel = i, error = %e, "closing the tunnel stream; reconnecting");
                     slot.stream = None;
                     slot.session.stream_down();
                 }
