@@ -207,7 +207,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
     let slots = (0..hub.len())
         .map(|i| {
             Ok(Mutex::new(PeerSlot {
-                session: hub.new_session(i, scfg.clone(), now)?,
+                session: hub.new_session(i, scfg, now)?,
                 stream: None,
                 generation: 0,
             }))

@@ -214,15 +214,7 @@ pub async fn run(
         let index = u32::try_from(i + 1).map_err(|_| anyhow!("too many servers"))?;
         tunnels.push(Mutex::new(TunnelSlot {
             name: value.clone(),
-            session: Session::new(
-                private.clone(),
-                server_public,
-                psk,
-                index,
-                scfg.clone(),
-                None,
-                now,
-            ),
+            session: Session::new(private.clone(), server_public, psk, index, scfg, None, now),
             stream: None,
             generation: 0,
         }));

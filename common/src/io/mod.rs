@@ -1,11 +1,11 @@
 //! Async and OS adapters shared by both binaries (the only place in `common` that does IO).
 
+pub mod health;
+pub mod log;
 pub mod netlink;
 pub mod nft;
+pub mod signal;
 pub mod sock;
 pub mod sysctl;
 pub mod tls;
-pub mod health;
-pub mod log;
-pub mod signal;
 pub mod tun;

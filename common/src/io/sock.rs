@@ -1,1 +1,221 @@
-//! TODO
+//! TCP socket options, device-bound connects and the file-descriptor limit.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Socket options for tunnel and proxy connections (DESIGN §3.6, §3.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpTuning {
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// Keepalive idle time before the first probe (`TCP_KEEPIDLE`); `None` = keepalive off.
+    pub keepalive: Option<Duration>,
+    /// Interval between keepalive probes (`TCP_KEEPINTVL`).
+    pub keepalive_interval: Duration,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub keepalive_retries: u32,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+    pub user_timeout: Option<Duration>,
+    /// `SO_SNDBUF` (the kernel doubles it); `None` = autotuning.
+    pub send_buf: Option<usize>,
+    /// `SO_RCVBUF` (the kernel doubles it); `None` = autotuning.
+    pub recv_buf: Option<usize>,
+}
+
+impl Default for TcpTuning {
+    /// Nodelay, keepalive 15 s idle / 5 s interval / 3 probes, user timeout 30 s.
+    fn default() -> Self {
+        TcpTuning {
+            nodelay: true,
+            keepalive: Some(Duration::from_secs(15)),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_retries: 3,
+            user_timeout: Some(Duration::from_secs(30)),
+            send_buf: None,
+            recv_buf: None,
+        }
+    }
+}
+
+/// Applies `opts` to a connected stream.
+pub fn tune_stream(s: &TcpStream, opts: &TcpTuning) -> io::Result<()> {
+    apply(&SockRef::from(s), opts)
+}
+
+fn apply(sock: &SockRef<'_>, opts: &TcpTuning) -> io::Result<()> {
+    sock.set_nodelay(opts.nodelay)?;
+    match opts.keepalive {
+        Some(idle) => sock.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(opts.keepalive_interval)
+                .with_retries(opts.keepalive_retries),
+        )?,
+        None => sock.set_keepalive(false)?,
+    }
+    sock.set_tcp_user_timeout(opts.user_timeout)?;
+    if let Some(n) = opts.send_buf {
+        sock.set_send_buffer_size(n)?;
+    }
+    if let Some(n) = opts.recv_buf {
+        sock.set_recv_buffer_size(n)?;
+    }
+    Ok(())
+}
+
+/// Why [`connect_bound`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No answer within the timeout.
+    #[error("connect timed out")]
+    Timeout,
+    /// The peer answered with a reset (`ECONNREFUSED`).
+    #[error("connection refused")]
+    Refused,
+    /// No route, or the host or network is down.
+    #[error("unreachable: {0}")]
+    Unreachable(#[source] io::Error),
+    /// Anything else, including socket setup (e.g. binding to a missing device).
+    #[error("{0}")]
+    Other(#[source] io::Error),
+}
+
+impl From<io::Error> for ConnectError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => ConnectError::Refused,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                ConnectError::Unreachable(e)
+            }
+            Some(libc::ETIMEDOUT) => ConnectError::Timeout,
+            _ => ConnectError::Other(e),
+        }
+    }
+}
+
+/// Opens a TCP connection to `addr`, bound to `device` (`SO_BINDTODEVICE`) when given, with
+/// `tuning` applied before the SYN goes out, giving up after `timeout`.
+pub async fn connect_bound(
+    addr: SocketAddr,
+    device: Option<&str>,
+    timeout: Duration,
+    tuning: &TcpTuning,
+) -> Result<TcpStream, ConnectError> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(ConnectError::Other)?;
+    sock.set_nonblocking(true).map_err(ConnectError::Other)?;
+    if let Some(dev) = device {
+        sock.bind_device(Some(dev.as_bytes()))
+            .map_err(ConnectError::Other)?;
+    }
+    apply(&SockRef::from(&sock), tuning).map_err(ConnectError::Other)?;
+    let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+    match tokio::time::timeout(timeout, sock.connect(addr)).await {
+        Err(_) => Err(ConnectError::Timeout),
+        Ok(r) => r.map_err(ConnectError::from),
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped at `fs.nr_open` when the hard
+/// limit is unlimited). Returns `(old_soft, new_soft)`.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = get_nofile()?;
+    let target = if hard == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        hard
+    };
+    if soft >= target {
+        return Ok((soft, soft));
+    }
+    set_nofile(target, hard)?;
+    Ok((soft, target))
+}
+
+/// FFI glue: `getrlimit(RLIMIT_NOFILE)` into a local struct.
+#[allow(unsafe_code)]
+fn get_nofile() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// FFI glue: `setrlimit(RLIMIT_NOFILE)` from a local struct.
+#[allow(unsafe_code)]
+fn set_nofile(soft: u64, hard: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit that the call only reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_by_errno() {
+        let e = |n| ConnectError::from(io::Error::from_raw_os_error(n));
+        assert!(matches!(e(libc::ECONNREFUSED), ConnectError::Refused));
+        assert!(matches!(e(libc::ENETUNREACH), ConnectError::Unreachable(_)));
+        assert!(matches!(e(libc::EHOSTDOWN), ConnectError::Unreachable(_)));
+        assert!(matches!(e(libc::ETIMEDOUT), ConnectError::Timeout));
+        assert!(matches!(e(libc::EINVAL), ConnectError::Other(_)));
+    }
+
+    #[tokio::test]
+    async fn loopback_connect_is_tuned() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let tuning = TcpTuning::default();
+        let s = connect_bound(addr, None, Duration::from_secs(2), &tuning)
+            .await
+            .unwrap();
+        let r = SockRef::from(&s);
+        assert!(r.nodelay().unwrap());
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.keepalive_time().unwrap(), Duration::from_secs(15));
+        assert_eq!(r.keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(r.keepalive_retries().unwrap(), 3);
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(30)));
+        let off = TcpTuning {
+            nodelay: false,
+            keepalive: None,
+            user_timeout: None,
+            ..tuning
+        };
+        tune_stream(&s, &off).unwrap();
+        assert!(!r.nodelay().unwrap());
+        assert!(!r.keepalive().unwrap());
+        assert_eq!(r.tcp_user_timeout().unwrap(), None);
+        drop(l);
+        let refused = connect_bound(addr, None, Duration::from_secs(2), &off).await;
+        assert!(matches!(refused, Err(ConnectError::Refused)), "{refused:?}");
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_hard() {
+        let (old, new) = raise_nofile_limit().unwrap();
+        assert!(new >= old);
+        let (soft, _) = get_nofile().unwrap();
+        assert_eq!(soft, new);
+    }
+}
