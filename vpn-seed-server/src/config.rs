@@ -81,6 +81,10 @@ pub struct Args {
     #[arg(long, env = "MTU", default_value_t = 1400)]
     pub mtu: u16,
 
+    /// Use the TUN's offloads (TSO/GRO super-packets) when the kernel offers them.
+    #[arg(long, env = "TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tun_offload: bool,
+
     /// Policy routing table for sockets bound to the TUN.
     #[arg(long, env = "ROUTING_TABLE", default_value_t = 1194)]
     pub routing_table: u32,
@@ -126,6 +130,7 @@ pub struct Config {
     pub tun_addrs: Vec<IpNet>,
     pub tun_name: String,
     pub mtu: u16,
+    pub tun_offload: bool,
     pub routing_table: u32,
     pub routing_rule_priority: u32,
     pub metrics_listen: Option<SocketAddr>,
@@ -285,6 +290,7 @@ impl Args {
             tun_addrs,
             tun_name: self.tun_name,
             mtu: self.mtu,
+            tun_offload: self.tun_offload,
             routing_table: self.routing_table,
             routing_rule_priority: self.routing_rule_priority,
             metrics_listen,

@@ -15,6 +15,7 @@ use common::io::netlink::Netlink;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
+use common::io::tunio::{TunReader, TunWriter};
 use common::packet::PacketView;
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
@@ -251,10 +252,11 @@ pub async fn run(
             name: cfg.tun_name.clone(),
             mtu: cfg.mtu,
             addrs: cfg.tun_addrs.clone(),
-            offload: false,
+            offload: cfg.tun_offload,
         })
         .with_context(|| format!("TUN {}", cfg.tun_name))?,
     );
+    let offload = common::io::tun::offload_active(&tun);
     common::io::sysctl::seed_tun(&cfg.tun_name).context("sysctls")?;
     let netlink = Netlink::new().await.context("netlink")?;
     let has_v4 = cfg
@@ -295,9 +297,13 @@ pub async fn run(
     tasks.spawn(accept_tunnels(
         server.clone(),
         tun.clone(),
+        offload,
         listeners.tunnel,
     ));
-    tasks.spawn(pump_tun(server.clone(), tun.clone()));
+    tasks.spawn(pump_tun(
+        server.clone(),
+        TunReader::new(tun.clone(), offload, cfg.mtu),
+    ));
     tasks.spawn(timers(server.clone(), tls.clone()));
     if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
         tasks.spawn(accept_proxy_tls(proxy.clone(), l, tls));
@@ -343,7 +349,12 @@ pub async fn run(
     result
 }
 
-async fn accept_tunnels(server: Arc<Server>, tun: Arc<AsyncDevice>, l: TcpListener) -> Result<()> {
+async fn accept_tunnels(
+    server: Arc<Server>,
+    tun: Arc<AsyncDevice>,
+    offload: bool,
+    l: TcpListener,
+) -> Result<()> {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_STREAMS));
     loop {
         let (stream, remote) = match l.accept().await {
@@ -362,7 +373,7 @@ async fn accept_tunnels(server: Arc<Server>, tun: Arc<AsyncDevice>, l: TcpListen
             tracing::debug!(error = %e, "tunnel socket options");
         }
         let server = server.clone();
-        let tun = tun.clone();
+        let tun = TunWriter::new(tun.clone(), offload);
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = serve_stream(server.clone(), tun, stream, remote.to_string()).await {
@@ -415,58 +426,66 @@ async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<(
     }
 }
 
-/// Seed TUN → flow table → tunnel: encrypts every packet for the tunnel its flow is pinned to.
-async fn pump_tun(server: Arc<Server>, tun: Arc<AsyncDevice>) -> Result<()> {
-    let mut buf = vec![0u8; MAX_FRAME_LEN];
-    let mut out = BytesMut::with_capacity(4 * MAX_FRAME_LEN);
+/// Seed TUN → flow table → tunnel: encrypts every packet for the tunnel its flow is pinned to,
+/// one channel message per tunnel and TUN batch.
+async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
+    let mut outs: Vec<BytesMut> = server.peers.iter().map(|_| BytesMut::new()).collect();
     loop {
-        let n = tun.recv(&mut buf).await.context("TUN read")?;
-        let Some(pkt) = buf.get(..n) else { continue };
-        inc(&server.stats.tun_rx_packets);
-        let view = match PacketView::parse(pkt) {
-            Ok(v) => v,
-            Err(_) => {
-                inc(&server.stats.drops_malformed);
-                continue;
-            }
-        };
-        if !server.shoot_networks.contains(view.dst()) {
-            // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
-            // someone else: nothing outside the shoot networks enters the tunnel.
-            inc(&server.stats.drops_flow);
-            continue;
-        }
+        let n = reader.recv().await.context("TUN read")?;
+        server
+            .stats
+            .tun_rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
         let now = Instant::now();
-        let pinned = {
-            let live = server.live.read().unwrap_or_else(|p| p.into_inner());
-            lock(&server.flows).outbound(&view, &live, now)
-        };
-        let id: TunnelId = match pinned {
-            Ok(id) => id,
-            Err(reason) => {
+        for pkt in reader.packets() {
+            let view = match PacketView::parse(pkt) {
+                Ok(v) => v,
+                Err(_) => {
+                    inc(&server.stats.drops_malformed);
+                    continue;
+                }
+            };
+            if !server.shoot_networks.contains(view.dst()) {
+                // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
+                // someone else: nothing outside the shoot networks enters the tunnel.
                 inc(&server.stats.drops_flow);
-                tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
                 continue;
             }
-        };
-        let Some(mut slot) = server.peer(id) else {
-            continue;
-        };
-        if out.capacity() < 2 * MAX_FRAME_LEN {
-            out.reserve(4 * MAX_FRAME_LEN);
+            let pinned = {
+                let live = server.live.read().unwrap_or_else(|p| p.into_inner());
+                lock(&server.flows).outbound(&view, &live, now)
+            };
+            let id: TunnelId = match pinned {
+                Ok(id) => id,
+                Err(reason) => {
+                    inc(&server.stats.drops_flow);
+                    tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
+                    continue;
+                }
+            };
+            let (Some(mut slot), Some(out)) = (
+                server.peer(id),
+                usize::try_from(id).ok().and_then(|i| outs.get_mut(i)),
+            ) else {
+                continue;
+            };
+            out.reserve(pkt.len() + 64);
+            if let Err(e) = slot.session.encapsulate(pkt, now, out) {
+                tracing::debug!(error = %e, "encapsulate failed");
+            }
         }
-        if let Err(e) = slot.session.encapsulate(pkt, now, &mut out) {
-            tracing::debug!(error = %e, "encapsulate failed");
-            out.clear();
-            continue;
-        }
-        if out.is_empty() {
-            continue;
-        }
-        let frames = out.split().freeze();
-        match &slot.stream {
-            Some(s) if s.tx.try_send(frames).is_ok() => {}
-            _ => inc(&server.stats.drops_queue_full),
+        for (i, out) in outs.iter_mut().enumerate() {
+            if out.is_empty() {
+                continue;
+            }
+            let frames = out.split().freeze();
+            let sent = server
+                .peer(i as TunnelId)
+                .and_then(|slot| slot.stream.as_ref().map(|s| s.tx.try_send(frames).is_ok()))
+                .unwrap_or(false);
+            if !sent {
+                inc(&server.stats.drops_queue_full);
+            }
         }
     }
 }

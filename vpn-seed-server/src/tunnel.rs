@@ -6,16 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
-use common::batch::PacketBatch;
 use common::connect::{format_response, parse_request, MAX_HEAD_LEN};
 use common::flow::TunnelId;
 use common::frame::{check_preamble, FrameDecoder, MAX_FRAME_LEN, PREAMBLE};
+use common::io::tunio::TunWriter;
 use common::packet::PacketView;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tun_rs::AsyncDevice;
 
 use crate::state::{inc, lock, Server, StreamHandle, STREAM_QUEUE};
 
@@ -23,8 +22,6 @@ use crate::state::{inc, lock, Server, StreamHandle, STREAM_QUEUE};
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer size of a tunnel stream.
 const READ_BUF: usize = 256 * 1024;
-/// Most bytes coalesced into one write to a tunnel stream.
-const WRITE_COALESCE: usize = 256 * 1024;
 
 /// Reads until `buf` holds at least `n` bytes.
 async fn fill(r: &mut OwnedReadHalf, buf: &mut BytesMut, n: usize) -> Result<()> {
@@ -81,7 +78,7 @@ async fn open_stream(
 /// Accepts one tunnel stream and serves it until it ends or is replaced.
 pub async fn serve_stream(
     server: Arc<Server>,
-    tun: Arc<AsyncDevice>,
+    tun: TunWriter,
     stream: TcpStream,
     remote: String,
 ) -> Result<()> {
@@ -95,7 +92,7 @@ pub async fn serve_stream(
     let id = peer as TunnelId;
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
-    let mut batch = PacketBatch::default();
+    let mut tun = tun;
     let generation = {
         let mut slot = server
             .peer(id)
@@ -103,7 +100,7 @@ pub async fn serve_stream(
         // The first message must authenticate before this stream may replace another.
         slot.session
             .decapsulate(&first, Instant::now(), &mut to_net, |p| {
-                accept_inbound(&server, id, p, &mut batch)
+                accept_inbound(&server, id, p, &mut tun)
             })
             .context("first message")?;
         slot.generation += 1;
@@ -124,13 +121,17 @@ pub async fn serve_stream(
     if !to_net.is_empty() {
         let _ = tx.try_send(to_net.split().freeze());
     }
-    write_batch(&tun, &server, &mut batch).await;
+    flush_tun(&mut tun, &server).await;
     server.refresh_live();
 
-    let writer = tokio::spawn(write_loop(server.clone(), rx, w));
+    let writer = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            common::io::framed::write_frames(rx, w, &server.stats.tunnel_tx_bytes).await
+        })
+    };
     let reader = {
         let server = server.clone();
-        let tun = tun.clone();
         tokio::spawn(async move { read_loop(server, tun, id, generation, r, rest, tx).await })
     };
     if let Some(mut slot) = server.peer(id) {
@@ -152,7 +153,7 @@ pub async fn serve_stream(
 }
 
 /// Checks a decrypted packet against the flow table and queues it for the TUN.
-fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], batch: &mut PacketBatch) {
+fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], tun: &mut TunWriter) {
     let view = match PacketView::parse(p) {
         Ok(v) => v,
         Err(_) => {
@@ -162,7 +163,11 @@ fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], batch: &mut PacketBat
     };
     let verdict = lock(&server.flows).inbound(&view, id, &server.tunnel_sources, Instant::now());
     match verdict {
-        Ok(()) => batch.push(p),
+        Ok(()) => {
+            if !tun.push(p) {
+                inc(&server.stats.drops_queue_full);
+            }
+        }
         Err(reason) => {
             inc(&server.stats.drops_flow);
             tracing::trace!(src = %view.src(), dst = %view.dst(), reason = reason.reason(), "dropped packet from tunnel");
@@ -170,19 +175,22 @@ fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], batch: &mut PacketBat
     }
 }
 
-async fn write_batch(tun: &AsyncDevice, server: &Server, batch: &mut PacketBatch) {
-    for p in batch.iter() {
-        match tun.send(p).await {
-            Ok(_) => inc(&server.stats.tun_tx_packets),
-            Err(e) => tracing::debug!(error = %e, "TUN write failed"),
+async fn flush_tun(tun: &mut TunWriter, server: &Server) {
+    let n = tun.len() as u64;
+    match tun.flush().await {
+        Ok(()) => {
+            server
+                .stats
+                .tun_tx_packets
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
+        Err(e) => tracing::debug!(error = %e, "TUN write failed"),
     }
-    batch.clear();
 }
 
 async fn read_loop(
     server: Arc<Server>,
-    tun: Arc<AsyncDevice>,
+    mut tun: TunWriter,
     id: TunnelId,
     generation: u64,
     mut r: OwnedReadHalf,
@@ -191,9 +199,10 @@ async fn read_loop(
 ) -> Result<()> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
-    let mut batch = PacketBatch::default();
     let mut was_established = false;
     loop {
+        // Decrypt what the buffer holds, up to one TUN batch, under the peer's lock.
+        let mut more = false;
         {
             let mut slot = server
                 .peer(id)
@@ -202,19 +211,23 @@ async fn read_loop(
                 return Ok(());
             }
             let now = Instant::now();
-            while let Some(frame) = decoder.decode(&mut buf)? {
+            while !tun.is_full() {
+                let Some(frame) = decoder.decode(&mut buf)? else {
+                    break;
+                };
                 server
                     .stats
                     .tunnel_rx_bytes
                     .fetch_add(frame.len() as u64 + 2, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
-                    accept_inbound(&server, id, p, &mut batch)
+                    accept_inbound(&server, id, p, &mut tun)
                 }) {
                     if e.is_fatal() {
                         return Err(e).context("tunnel message");
                     }
                     tracing::debug!(error = %e, "tunnel message dropped");
                 }
+                more = tun.is_full();
             }
             let established = slot.session.is_established();
             if established != was_established {
@@ -226,7 +239,10 @@ async fn read_loop(
         if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
             inc(&server.stats.drops_queue_full);
         }
-        write_batch(&tun, &server, &mut batch).await;
+        flush_tun(&mut tun, &server).await;
+        if more {
+            continue;
+        }
         if buf.capacity() - buf.len() < MAX_FRAME_LEN {
             buf.reserve(READ_BUF);
         }
@@ -234,28 +250,4 @@ async fn read_loop(
             return Ok(());
         }
     }
-}
-
-/// Writes queued frames, coalescing what is already queued into one write.
-async fn write_loop(server: Arc<Server>, mut rx: mpsc::Receiver<Bytes>, mut w: OwnedWriteHalf) {
-    let mut out = BytesMut::with_capacity(WRITE_COALESCE);
-    while let Some(first) = rx.recv().await {
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_COALESCE {
-            match rx.try_recv() {
-                Ok(b) => out.extend_from_slice(&b),
-                Err(_) => break,
-            }
-        }
-        server
-            .stats
-            .tunnel_tx_bytes
-            .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = w.write_all(&out).await {
-            tracing::debug!(error = %e, "tunnel stream write failed");
-            return;
-        }
-        out.clear();
-    }
-    let _ = w.shutdown().await;
 }

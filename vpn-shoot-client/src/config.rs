@@ -98,6 +98,10 @@ pub struct Args {
     #[arg(long, env = "MTU", default_value_t = 1400)]
     pub mtu: u16,
 
+    /// Use the TUN's offloads (TSO/GRO super-packets) when the kernel offers them.
+    #[arg(long, env = "TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tun_offload: bool,
+
     /// Masquerade traffic from the VPN network leaving by other interfaces.
     #[arg(long, env = "MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
     pub masquerade: bool,
@@ -134,6 +138,7 @@ pub struct Config {
     pub vpn_networks: Vec<IpNet>,
     pub tun_name: String,
     pub mtu: u16,
+    pub tun_offload: bool,
     pub masquerade: bool,
     pub metrics_listen: Option<SocketAddr>,
     pub keepalive: Duration,
@@ -300,6 +305,7 @@ impl Args {
             vpn_networks,
             tun_name: self.tun_name,
             mtu: self.mtu,
+            tun_offload: self.tun_offload,
             masquerade: self.masquerade,
             metrics_listen,
             keepalive: self.keepalive,

@@ -8,27 +8,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use bytes::{Bytes, BytesMut};
-use common::batch::PacketBatch;
 use common::flow::{FlowConfig, FlowTable, TunnelId};
 use common::frame::{FrameDecoder, MAX_FRAME_LEN};
 use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
+use common::io::tunio::{TunReader, TunWriter};
 use common::packet::PacketView;
 use common::session::{Session, SessionConfig};
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tun_rs::AsyncDevice;
 
 use crate::config::Config;
-use crate::dialer::{Dialer, Writer};
+use crate::dialer::Dialer;
 
 const STREAM_QUEUE: usize = 1024;
 const READ_BUF: usize = 256 * 1024;
-const WRITE_COALESCE: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -168,7 +167,7 @@ async fn setup_network(cfg: &Config) -> Result<(Arc<AsyncDevice>, NetSetup)> {
         name: cfg.tun_name.clone(),
         mtu: cfg.mtu,
         addrs: Vec::new(),
-        offload: false,
+        offload: cfg.tun_offload,
     })
     .with_context(|| format!("TUN {}", cfg.tun_name))?;
     let has_v6 = cfg
@@ -236,7 +235,11 @@ pub async fn run(
             d,
         ));
     }
-    tasks.spawn(pump_tun(client.clone(), tun.clone()));
+    let offload = common::io::tun::offload_active(&tun);
+    tasks.spawn(pump_tun(
+        client.clone(),
+        TunReader::new(tun.clone(), offload, cfg.mtu),
+    ));
     tasks.spawn(timers(client.clone()));
     if let Some(l) = metrics {
         let h: Arc<dyn Health> = client.clone();
@@ -323,10 +326,15 @@ async fn connect_once(
         slot.generation
     };
     tracing::info!(tunnel = id, remote = %dialed.remote, "tunnel stream open");
-    let writer = tokio::spawn(write_loop(client.clone(), rx, dialed.writer));
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            common::io::framed::write_frames(rx, dialed.writer, &client.stats.tunnel_tx_bytes).await
+        })
+    };
     let reader = {
         let client = client.clone();
-        let tun = tun.clone();
+        let tun = TunWriter::new(tun.clone(), common::io::tun::offload_active(tun));
         tokio::spawn(async move {
             read_loop(
                 client,
@@ -365,7 +373,7 @@ async fn connect_once(
 
 async fn read_loop(
     client: Arc<Client>,
-    tun: Arc<AsyncDevice>,
+    mut tun: TunWriter,
     id: TunnelId,
     generation: u64,
     mut r: crate::dialer::Reader,
@@ -374,15 +382,19 @@ async fn read_loop(
 ) -> Result<()> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
-    let mut batch = PacketBatch::default();
     loop {
+        // Decrypt what the buffer holds, up to one TUN batch, under the tunnel's lock.
+        let mut more = false;
         {
             let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
             if slot.stream.as_ref().map(|s| s.generation) != Some(generation) {
                 return Ok(());
             }
             let now = Instant::now();
-            while let Some(frame) = decoder.decode(&mut buf)? {
+            while !tun.is_full() {
+                let Some(frame) = decoder.decode(&mut buf)? else {
+                    break;
+                };
                 client
                     .stats
                     .tunnel_rx_bytes
@@ -390,7 +402,9 @@ async fn read_loop(
                 let res = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
                     if let Ok(view) = PacketView::parse(p) {
                         let _ = lock(&client.flows).from_tunnel(&view, id, now);
-                        batch.push(p);
+                        if !tun.push(p) {
+                            inc(&client.stats.drops);
+                        }
                     }
                 });
                 if let Err(e) = res {
@@ -399,18 +413,22 @@ async fn read_loop(
                     }
                     tracing::debug!(error = %e, "tunnel message dropped");
                 }
+                more = tun.is_full();
             }
         }
         if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
             inc(&client.stats.drops);
         }
-        for p in batch.iter() {
-            match tun.send(p).await {
-                Ok(_) => inc(&client.stats.tun_tx_packets),
-                Err(e) => tracing::debug!(error = %e, "TUN write failed"),
+        let n = tun.len() as u64;
+        match tun.flush().await {
+            Ok(()) => {
+                client.stats.tun_tx_packets.fetch_add(n, Ordering::Relaxed);
             }
+            Err(e) => tracing::debug!(error = %e, "TUN write failed"),
         }
-        batch.clear();
+        if more {
+            continue;
+        }
         if buf.capacity() - buf.len() < MAX_FRAME_LEN {
             buf.reserve(READ_BUF);
         }
@@ -420,71 +438,60 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(client: Arc<Client>, mut rx: mpsc::Receiver<Bytes>, mut w: Writer) {
-    let mut out = BytesMut::with_capacity(WRITE_COALESCE);
-    while let Some(first) = rx.recv().await {
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_COALESCE {
-            match rx.try_recv() {
-                Ok(b) => out.extend_from_slice(&b),
-                Err(_) => break,
-            }
-        }
+/// Shoot TUN → the tunnel the flow came from (or the first tunnel up) → encrypt → stream, one
+/// channel message per tunnel and TUN batch.
+async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
+    let mut outs: Vec<BytesMut> = client.tunnels.iter().map(|_| BytesMut::new()).collect();
+    loop {
+        let n = reader.recv().await.context("TUN read")?;
         client
             .stats
-            .tunnel_tx_bytes
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        if let Err(e) = w.write_all(&out).await {
-            tracing::debug!(error = %e, "tunnel stream write failed");
-            return;
-        }
-        out.clear();
-    }
-    let _ = w.shutdown().await;
-}
-
-/// Shoot TUN → the tunnel the flow came from (or any live tunnel) → encrypt → stream.
-async fn pump_tun(client: Arc<Client>, tun: Arc<AsyncDevice>) -> Result<()> {
-    let mut buf = vec![0u8; MAX_FRAME_LEN];
-    let mut out = BytesMut::with_capacity(4 * MAX_FRAME_LEN);
-    loop {
-        let n = tun.recv(&mut buf).await.context("TUN read")?;
-        let Some(pkt) = buf.get(..n) else { continue };
-        inc(&client.stats.tun_rx_packets);
+            .tun_rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
         let now = Instant::now();
-        let Ok(view) = PacketView::parse(pkt) else {
-            inc(&client.stats.drops);
-            continue;
-        };
-        let pinned = lock(&client.flows).reply_tunnel(&view, now);
-        let mut sent = false;
-        let order = pinned
-            .into_iter()
-            .chain(0..client.tunnels.len() as TunnelId);
-        for id in order {
-            let Some(mut slot) = client.slot(id) else {
+        for pkt in reader.packets() {
+            let Ok(view) = PacketView::parse(pkt) else {
+                inc(&client.stats.drops);
                 continue;
             };
-            let Some(stream) = slot.stream.as_ref() else {
-                continue;
-            };
-            let tx = stream.tx.clone();
-            if out.capacity() < 2 * MAX_FRAME_LEN {
-                out.reserve(4 * MAX_FRAME_LEN);
-            }
-            if let Err(e) = slot.session.encapsulate(pkt, now, &mut out) {
-                tracing::debug!(error = %e, "encapsulate failed");
-                out.clear();
+            let pinned = lock(&client.flows).reply_tunnel(&view, now);
+            let order = pinned
+                .into_iter()
+                .chain(0..client.tunnels.len() as TunnelId);
+            let mut sent = false;
+            for id in order {
+                let Some(mut slot) = client.slot(id) else {
+                    continue;
+                };
+                if slot.stream.is_none() || !slot.session.is_established() {
+                    continue;
+                }
+                let Some(out) = usize::try_from(id).ok().and_then(|i| outs.get_mut(i)) else {
+                    continue;
+                };
+                out.reserve(pkt.len() + 64);
+                match slot.session.encapsulate(pkt, now, out) {
+                    Ok(()) => sent = true,
+                    Err(e) => tracing::debug!(error = %e, "encapsulate failed"),
+                }
                 break;
             }
-            drop(slot);
-            if !out.is_empty() {
-                sent = tx.try_send(out.split().freeze()).is_ok();
+            if !sent {
+                inc(&client.stats.drops);
             }
-            break;
         }
-        if !sent {
-            inc(&client.stats.drops);
+        for (i, out) in outs.iter_mut().enumerate() {
+            if out.is_empty() {
+                continue;
+            }
+            let frames = out.split().freeze();
+            let sent = client
+                .slot(i as TunnelId)
+                .and_then(|slot| slot.stream.as_ref().map(|s| s.tx.try_send(frames).is_ok()))
+                .unwrap_or(false);
+            if !sent {
+                inc(&client.stats.drops);
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Async and OS adapters shared by both binaries (the only place in `common` that does IO).
 
+pub mod framed;
 pub mod health;
 pub mod log;
 pub mod netlink;
@@ -9,3 +10,4 @@ pub mod sock;
 pub mod sysctl;
 pub mod tls;
 pub mod tun;
+pub mod tunio;

@@ -1,0 +1,180 @@
+//! Child processes as RAII guards: spawned in a namespace, output to a log file, stopped by PID.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+/// How long [`Proc`]'s drop waits after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// A child process; SIGTERM, then SIGKILL after [`STOP_GRACE`], on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `program args…` inside `ns`, appending stdout and stderr to `log`.
+    pub fn spawn(
+        name: &str,
+        ns: &Netns,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open log {}", log.display()))?;
+        writeln!(
+            file,
+            "### {name}: ip netns exec {} {} {}",
+            ns.name(),
+            program.display(),
+            args.join(" ")
+        )?;
+        let err: File = file.try_clone()?;
+        let mut cmd = ns.exec(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(file).stderr(err);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {name} ({})", program.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            pid: child.id(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process's name in logs and reports.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The log file's contents so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// Whether the child is still running (reaps it if it exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The exit status if the child has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits up to `timeout` for the child to exit on its own; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut().context("process already reaped")?;
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{} (pid {}) still running after {timeout:?}",
+                    self.name,
+                    self.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGKILL and reaps the child.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait()?.is_none() {
+                c.kill().context("SIGKILL")?;
+            }
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM, waits up to `grace`, then SIGKILL; reaps the child.
+    pub fn stop(&mut self, grace: Duration) -> Result<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        if c.try_wait()?.is_some() {
+            return Ok(());
+        }
+        // The child is not reaped yet, so its PID cannot have been reused.
+        signal(self.pid, libc::SIGTERM)?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if c.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// Lets the process outlive this guard (lab `--keep`); returns its PID.
+    pub fn detach(mut self) -> u32 {
+        self.child = None;
+        self.pid
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(STOP_GRACE) {
+            eprintln!("warning: stopping {} (pid {}): {e:#}", self.name, self.pid);
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+// FFI glue: kill(2) has no std wrapper for signals other than SIGKILL.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error()).with_context(|| format!("kill({pid}, {sig})"))
+    }
+}
