@@ -80,8 +80,7 @@ impl TunReader {
     }
 }
 
-/// Collects packets and writes them to the TUN, coalesced when offload is on. Buffers that
-/// coalescing grew keep their capacity (at most [`BATCH`] × 64 KiB per writer).
+/// Collects packets and writes them to the TUN, coalesced when offload is on.
 pub struct TunWriter {
     dev: Arc<AsyncDevice>,
     offload: bool,
@@ -95,9 +94,11 @@ impl TunWriter {
         Self {
             dev,
             offload,
-            gro: GROTable::default(),
+            gro: GROTable::new(),
+            // GRO appends segments in place and never reallocates, so every slot has room for
+            // a whole super-packet. Pages untouched stay virtual: RSS grows only with use.
             bufs: (0..BATCH)
-                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + 2048))
+                .map(|_| BytesMut::with_capacity(2 * VIRTIO_NET_HDR_LEN + MAX_PACKET))
                 .collect(),
             len: 0,
         }
