@@ -15,12 +15,11 @@ use common::io::netlink::Netlink;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
-use common::io::tunio::{TunReader, TunWriter};
+use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
 use common::packet::PacketView;
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
-use tun_rs::AsyncDevice;
 
 use crate::config::Config;
 use crate::proxy::ProxyContext;
@@ -247,7 +246,7 @@ pub async fn run(
         None => None,
     };
 
-    let tun = Arc::new(
+    let tun = Tun::new(
         common::io::tun::create(&TunConfig {
             name: cfg.tun_name.clone(),
             mtu: cfg.mtu,
@@ -255,10 +254,16 @@ pub async fn run(
             offload: cfg.tun_offload,
         })
         .with_context(|| format!("TUN {}", cfg.tun_name))?,
+        cfg.mtu,
     );
-    let offload = common::io::tun::offload_active(&tun);
     common::io::sysctl::seed_tun(&cfg.tun_name).context("sysctls")?;
     let netlink = Netlink::new().await.context("netlink")?;
+    if tun.offload {
+        netlink
+            .set_gso_max_size(&cfg.tun_name, GSO_MAX_SIZE)
+            .await
+            .context("TUN gso_max_size")?;
+    }
     let has_v4 = cfg
         .tun_addrs
         .iter()
@@ -297,13 +302,9 @@ pub async fn run(
     tasks.spawn(accept_tunnels(
         server.clone(),
         tun.clone(),
-        offload,
         listeners.tunnel,
     ));
-    tasks.spawn(pump_tun(
-        server.clone(),
-        TunReader::new(tun.clone(), offload, cfg.mtu),
-    ));
+    tasks.spawn(pump_tun(server.clone(), tun.reader()));
     tasks.spawn(timers(server.clone(), tls.clone()));
     if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
         tasks.spawn(accept_proxy_tls(proxy.clone(), l, tls));
@@ -349,12 +350,7 @@ pub async fn run(
     result
 }
 
-async fn accept_tunnels(
-    server: Arc<Server>,
-    tun: Arc<AsyncDevice>,
-    offload: bool,
-    l: TcpListener,
-) -> Result<()> {
+async fn accept_tunnels(server: Arc<Server>, tun: Tun, l: TcpListener) -> Result<()> {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_STREAMS));
     loop {
         let (stream, remote) = match l.accept().await {
@@ -373,7 +369,7 @@ async fn accept_tunnels(
             tracing::debug!(error = %e, "tunnel socket options");
         }
         let server = server.clone();
-        let tun = TunWriter::new(tun.clone(), offload);
+        let tun = tun.writer();
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = serve_stream(server.clone(), tun, stream, remote.to_string()).await {

@@ -13,7 +13,7 @@ use common::frame::{FrameDecoder, MAX_FRAME_LEN};
 use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
-use common::io::tunio::{TunReader, TunWriter};
+use common::io::tunio::{Tun, TunReader, TunWriter, GSO_MAX_SIZE};
 use common::packet::PacketView;
 use common::session::{Session, SessionConfig};
 use rand::Rng;
@@ -21,7 +21,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tun_rs::AsyncDevice;
 
 use crate::config::Config;
 use crate::dialer::Dialer;
@@ -162,7 +161,7 @@ struct NetSetup {
     nat: common::io::nft::ShootNat,
 }
 
-async fn setup_network(cfg: &Config) -> Result<(Arc<AsyncDevice>, NetSetup)> {
+async fn setup_network(cfg: &Config) -> Result<(Tun, NetSetup)> {
     let tun = common::io::tun::create(&TunConfig {
         name: cfg.tun_name.clone(),
         mtu: cfg.mtu,
@@ -170,12 +169,19 @@ async fn setup_network(cfg: &Config) -> Result<(Arc<AsyncDevice>, NetSetup)> {
         offload: cfg.tun_offload,
     })
     .with_context(|| format!("TUN {}", cfg.tun_name))?;
+    let tun = Tun::new(tun, cfg.mtu);
     let has_v6 = cfg
         .vpn_networks
         .iter()
         .any(|n| matches!(n, ipnet::IpNet::V6(_)));
     common::io::sysctl::shoot_forwarding(&cfg.tun_name, has_v6).context("sysctls")?;
     let netlink = Netlink::new().await.context("netlink")?;
+    if tun.offload {
+        netlink
+            .set_gso_max_size(&cfg.tun_name, GSO_MAX_SIZE)
+            .await
+            .context("TUN gso_max_size")?;
+    }
     netlink
         .install_vpn_routes(&cfg.tun_name, &cfg.vpn_networks)
         .await
@@ -183,7 +189,7 @@ async fn setup_network(cfg: &Config) -> Result<(Arc<AsyncDevice>, NetSetup)> {
     let nat =
         common::io::nft::ShootNat::install(&cfg.tun_name, &cfg.vpn_networks, cfg.masquerade, true)
             .context("nftables")?;
-    Ok((Arc::new(tun), NetSetup { nat }))
+    Ok((tun, NetSetup { nat }))
 }
 
 /// Runs the client until `shutdown` completes or a component fails.
@@ -235,11 +241,7 @@ pub async fn run(
             d,
         ));
     }
-    let offload = common::io::tun::offload_active(&tun);
-    tasks.spawn(pump_tun(
-        client.clone(),
-        TunReader::new(tun.clone(), offload, cfg.mtu),
-    ));
+    tasks.spawn(pump_tun(client.clone(), tun.reader()));
     tasks.spawn(timers(client.clone()));
     if let Some(l) = metrics {
         let h: Arc<dyn Health> = client.clone();
@@ -267,12 +269,7 @@ pub async fn run(
 }
 
 /// Keeps one tunnel connected: dial, serve, back off with full jitter, repeat.
-async fn keep_connected(
-    client: Arc<Client>,
-    tun: Arc<AsyncDevice>,
-    id: TunnelId,
-    dialer: Dialer,
-) -> Result<()> {
+async fn keep_connected(client: Arc<Client>, tun: Tun, id: TunnelId, dialer: Dialer) -> Result<()> {
     let mut backoff = BACKOFF_MIN;
     let mut attempts: u64 = 0;
     loop {
@@ -299,7 +296,7 @@ async fn keep_connected(
 
 async fn connect_once(
     client: &Arc<Client>,
-    tun: &Arc<AsyncDevice>,
+    tun: &Tun,
     id: TunnelId,
     dialer: &Dialer,
     attempts: u64,
@@ -334,7 +331,7 @@ async fn connect_once(
     };
     let reader = {
         let client = client.clone();
-        let tun = TunWriter::new(tun.clone(), common::io::tun::offload_active(tun));
+        let tun = tun.writer();
         tokio::spawn(async move {
             read_loop(
                 client,

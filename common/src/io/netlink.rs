@@ -113,6 +113,24 @@ impl Netlink {
         }
     }
 
+    /// Sets the largest GSO super-packet the kernel builds for the interface
+    /// (`ip link set <name> gso_max_size <size>`).
+    pub async fn set_gso_max_size(&self, name: &str, size: u32) -> Result<(), NetError> {
+        let index = self.link_index(name).await?;
+        let mut msg = rtnetlink::packet_route::link::LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(rtnetlink::packet_route::link::LinkAttribute::GsoMaxSize(
+                size,
+            ));
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| request_err("set", format!("gso_max_size of link {name}"), e))
+    }
+
     /// Adds or replaces (`NLM_F_REPLACE`) the route `dst dev <oif>` in `table` (None = main).
     ///
     /// IPv4 routes get scope link, IPv6 routes scope universe, as `ip route` does for routes
