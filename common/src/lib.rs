@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod cidr;
 pub mod connect;
+pub mod dns;
 pub mod flow;
 pub mod frame;
 pub mod hub;

@@ -101,6 +101,19 @@ pub struct Args {
     #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
 
+    /// The shoot's DNS server (e.g. the kube-dns service IP), asked through the tunnel for
+    /// hostname targets; it must lie in the shoot networks. Without it they get 502.
+    #[arg(long, env = "SHOOT_DNS_SERVER")]
+    pub shoot_dns_server: Option<IpAddr>,
+
+    /// The shoot's cluster domain, appended to hostname targets ending in `.svc`.
+    #[arg(long, env = "SHOOT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub shoot_cluster_domain: String,
+
+    /// Time the shoot's DNS server has to answer (one retry included) before 504.
+    #[arg(long, env = "DNS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub dns_timeout: Duration,
+
     /// Maximum number of open proxied connections; more are answered 503.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
     pub max_connections: usize,
@@ -135,6 +148,11 @@ pub struct Config {
     pub routing_rule_priority: u32,
     pub metrics_listen: Option<SocketAddr>,
     pub dial_timeout: Duration,
+    /// DNS server for hostname targets (inside the shoot networks).
+    pub shoot_dns_server: Option<IpAddr>,
+    /// Cluster domain, lowercase, without trailing dot.
+    pub shoot_cluster_domain: String,
+    pub dns_timeout: Duration,
     pub max_connections: usize,
     pub keepalive: Duration,
 }
@@ -274,6 +292,26 @@ impl Args {
         if self.dial_timeout.is_zero() {
             errs.push("--dial-timeout must be positive".into());
         }
+        if let Some(ip) = self.shoot_dns_server {
+            if !shoot_networks.is_empty() && !shoot_networks.contains(ip) {
+                errs.push(format!(
+                    "--shoot-dns-server {ip}: not in the shoot networks (it is reached through the tunnel)"
+                ));
+            }
+        }
+        let shoot_cluster_domain = match common::dns::check_name(&self.shoot_cluster_domain) {
+            Ok(d) => d.to_ascii_lowercase(),
+            Err(e) => {
+                errs.push(format!(
+                    "--shoot-cluster-domain {:?}: {e}",
+                    self.shoot_cluster_domain
+                ));
+                String::new()
+            }
+        };
+        if self.dns_timeout.is_zero() {
+            errs.push("--dns-timeout must be positive".into());
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -295,6 +333,9 @@ impl Args {
             routing_rule_priority: self.routing_rule_priority,
             metrics_listen,
             dial_timeout: self.dial_timeout,
+            shoot_dns_server: self.shoot_dns_server,
+            shoot_cluster_domain,
+            dns_timeout: self.dns_timeout,
             max_connections: self.max_connections,
             keepalive: self.keepalive,
         })
@@ -337,5 +378,61 @@ mod tests {
         assert!(all.contains("--mtu 100"), "{all}");
         assert!(all.contains("shoot-pod-networks"), "{all}");
         assert!(all.contains("--proxy-listen needs"), "{all}");
+    }
+
+    fn dns_args(extra: &[&str]) -> Result<Config, Vec<String>> {
+        let mut a = vec![
+            "vpn-seed-server",
+            "--private-key-file",
+            "/k",
+            "--peer",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "--proxy-listen",
+            "off",
+            "--proxy-uds",
+            "/p.sock",
+            "--shoot-pod-networks",
+            "100.96.0.0/16",
+            "--shoot-service-networks",
+            "100.64.0.0/13",
+        ];
+        a.extend_from_slice(extra);
+        Args::try_parse_from(a).unwrap().validate()
+    }
+
+    #[test]
+    fn dns_settings() {
+        let c = dns_args(&[]).unwrap();
+        assert_eq!(c.shoot_dns_server, None);
+        assert_eq!(c.shoot_cluster_domain, "cluster.local");
+        assert_eq!(c.dns_timeout, Duration::from_secs(2));
+        let c = dns_args(&[
+            "--shoot-dns-server",
+            "100.64.0.10",
+            "--shoot-cluster-domain",
+            "Example.Org.",
+            "--dns-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(c.shoot_dns_server, Some("100.64.0.10".parse().unwrap()));
+        assert_eq!(c.shoot_cluster_domain, "example.org");
+        assert_eq!(c.dns_timeout, Duration::from_millis(500));
+        let all = dns_args(&[
+            "--shoot-dns-server",
+            "10.0.0.10",
+            "--shoot-cluster-domain",
+            "a..b",
+            "--dns-timeout",
+            "0s",
+        ])
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            all.contains("--shoot-dns-server 10.0.0.10: not in the shoot networks"),
+            "{all}"
+        );
+        assert!(all.contains("--shoot-cluster-domain"), "{all}");
+        assert!(all.contains("--dns-timeout must be positive"), "{all}");
     }
 }

@@ -296,6 +296,7 @@ pub async fn run(
         dial_timeout: cfg.dial_timeout,
         limit: Arc::new(Semaphore::new(cfg.max_connections)),
         tuning: TcpTuning::default(),
+        resolver: crate::proxy::Resolver::from_config(&cfg),
     });
 
     let mut tasks = tokio::task::JoinSet::new();

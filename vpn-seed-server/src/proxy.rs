@@ -1,22 +1,174 @@
 //! The egress proxy kube-apiserver talks to: HTTP CONNECT over mTLS or a Unix socket,
-//! authorized against the shoot networks, dialled through the seed TUN.
+//! authorized against the shoot networks, dialled through the seed TUN. Hostname targets are
+//! resolved by the shoot's DNS server, asked through the tunnel.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::connect::{format_response, parse_request, parse_target, Target, MAX_HEAD_LEN};
-use common::io::sock::{connect_bound, ConnectError, TcpTuning};
+use common::dns::{Answer, QType, Rcode};
+use common::io::sock::{connect_bound, dns_lookup, ConnectError, LookupError, TcpTuning};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::state::{answer_slot, inc, Server};
+use crate::config::Config;
+use crate::state::{answer_slot, inc, lock, Server};
 
 /// Time a client has to send its CONNECT head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Names whose address is cached.
+const DNS_CACHE_NAMES: usize = 1024;
+/// Longest time an address stays cached (shorter when the record's TTL is).
+const DNS_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Resolves hostname targets through the shoot's DNS server, from sockets bound to the seed
+/// TUN, with a small positive cache.
+pub struct Resolver {
+    server: SocketAddr,
+    device: String,
+    cluster_domain: String,
+    timeout: Duration,
+    /// Name → address and expiry; at most [`DNS_CACHE_NAMES`] entries.
+    cache: Mutex<HashMap<String, (IpAddr, Instant)>>,
+}
+
+impl Resolver {
+    /// The resolver `cfg` asks for (`--shoot-dns-server`), if any.
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        cfg.shoot_dns_server.map(|ip| Resolver {
+            server: SocketAddr::new(ip, 53),
+            device: cfg.tun_name.clone(),
+            cluster_domain: cfg.shoot_cluster_domain.clone(),
+            timeout: cfg.dns_timeout,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The name to query: `name.namespace.svc` gets the cluster domain appended (how
+    /// kube-apiserver addresses webhooks and aggregated APIs); other names are absolute.
+    fn fqdn(&self, host: &str) -> String {
+        let host = host.to_ascii_lowercase();
+        if host.ends_with(".svc") {
+            format!("{host}.{}", self.cluster_domain)
+        } else {
+            host
+        }
+    }
+
+    /// One address of `host`: asks for A and AAAA at once and takes the first IPv4 address,
+    /// else the first IPv6 address.
+    async fn resolve(&self, host: &str) -> Result<IpAddr, Refusal> {
+        let name = self.fqdn(host);
+        let now = Instant::now();
+        if let Some((ip, _)) = lock(&self.cache).get(&name).filter(|(_, exp)| *exp > now) {
+            return Ok(*ip);
+        }
+        let lookup =
+            |qtype| dns_lookup(self.server, Some(&self.device), &name, qtype, self.timeout);
+        let (v4, v6) = (lookup(QType::A), lookup(QType::Aaaa));
+        tokio::pin!(v4, v6);
+        let (mut r4, mut r6) = (None, None);
+        while r4.is_none() || r6.is_none() {
+            tokio::select! {
+                r = &mut v4, if r4.is_none() => r4 = Some(r),
+                r = &mut v6, if r6.is_none() => r6 = Some(r),
+            }
+            // An IPv4 address does not wait for the AAAA answer, nor NXDOMAIN for the other.
+            if let Some(Ok(Answer { addrs, ttl, .. })) = &r4 {
+                if let Some(ip) = addrs.first() {
+                    self.remember(&name, *ip, *ttl);
+                    return Ok(*ip);
+                }
+            }
+            if [&r4, &r6]
+                .iter()
+                .any(|r| matches!(r, Some(Ok(a)) if a.rcode == Rcode::NxDomain))
+            {
+                break;
+            }
+        }
+        if let Some(Ok(Answer { addrs, ttl, .. })) = &r6 {
+            if let Some(ip) = addrs.first() {
+                self.remember(&name, *ip, *ttl);
+                return Ok(*ip);
+            }
+        }
+        let results = [r4, r6];
+        let results = results.iter().flatten();
+        let dns = self.server.ip();
+        let fail = |code, why: String| refuse(code, format!("cannot resolve {name}: {why}"));
+        if results
+            .clone()
+            .any(|r| matches!(r, Ok(a) if a.rcode == Rcode::NxDomain))
+        {
+            return Err(fail(502, "no such host".into()));
+        }
+        for r in results {
+            match r {
+                Err(LookupError::Timeout(t)) => {
+                    return Err(fail(
+                        504,
+                        format!("DNS server {dns} did not answer within {t:?}"),
+                    ))
+                }
+                Err(e) => return Err(fail(502, format!("DNS server {dns}: {e}"))),
+                Ok(a) if a.rcode != Rcode::NoError => {
+                    return Err(fail(502, format!("DNS server {dns} answered {}", a.rcode)))
+                }
+                Ok(_) => {}
+            }
+        }
+        Err(fail(502, "no such host".into()))
+    }
+
+    /// Caches `ip` for `name` for the record's TTL, at most [`DNS_CACHE_TTL`].
+    fn remember(&self, name: &str, ip: IpAddr, ttl: Option<u32>) {
+        let ttl = Duration::from_secs(u64::from(ttl.unwrap_or(0))).min(DNS_CACHE_TTL);
+        if ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cache = lock(&self.cache);
+        if cache.len() >= DNS_CACHE_NAMES {
+            cache.retain(|_, (_, exp)| *exp > now);
+            if cache.len() >= DNS_CACHE_NAMES {
+                cache.clear();
+            }
+        }
+        cache.insert(name.to_owned(), (ip, now + ttl));
+    }
+}
+
+/// A client connection of the egress proxy: how it relays bytes once the CONNECT is answered.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Copies both ways with half-close until both directions end.
+    fn relay(
+        &mut self,
+        upstream: &mut TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<(u64, u64)>> + Send;
+}
+
+impl ClientStream for tokio::net::UnixStream {
+    /// Borrows a buffer only while bytes are in flight: idle connections cost none.
+    async fn relay(&mut self, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+        common::io::splice::copy_bidirectional(&*self, &*upstream).await
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    /// TLS keeps its own record buffers; the copy buffers are kept small.
+    async fn relay(&mut self, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+        tokio::io::copy_bidirectional_with_sizes(self, upstream, TLS_COPY_BUF, TLS_COPY_BUF).await
+    }
+}
+
+/// Copy buffer per direction of a TLS client connection.
+const TLS_COPY_BUF: usize = 16 * 1024;
 
 /// What every proxied connection needs to know.
 pub struct ProxyContext {
@@ -25,6 +177,8 @@ pub struct ProxyContext {
     pub dial_timeout: Duration,
     pub limit: Arc<Semaphore>,
     pub tuning: TcpTuning,
+    /// Resolver of hostname targets (`--shoot-dns-server`); None answers them 502.
+    pub resolver: Option<Resolver>,
 }
 
 /// A refusal: status, reason phrase and the one-line body.
@@ -75,12 +229,33 @@ async fn read_head<S: AsyncRead + Unpin>(
         .unwrap_or_else(|_| Err(refuse(400, "no request head within 10s")))
 }
 
+/// The resolver for hostname `host`, or the 502 that explains how to enable it.
+fn resolver<'a>(r: &'a Option<Resolver>, host: &str) -> Result<&'a Resolver, Refusal> {
+    r.as_ref().ok_or_else(|| {
+        refuse(
+            502,
+            format!("cannot resolve {host}: hostname targets need the shoot's DNS server; set --shoot-dns-server"),
+        )
+    })
+}
+
 impl ProxyContext {
+    /// 403 unless `ip` (the address of `host`, if given) lies in the shoot networks.
+    fn authorize(&self, ip: IpAddr, host: Option<&str>) -> Result<(), Refusal> {
+        if self.server.shoot_networks.contains(ip) {
+            return Ok(());
+        }
+        Err(refuse(
+            403,
+            match host {
+                Some(h) => format!("{h} resolves to {ip}, which is not in the shoot networks"),
+                None => format!("{ip} is not in the shoot networks"),
+            },
+        ))
+    }
+
     /// Serves one client connection of kube-apiserver (or Prometheus).
-    pub async fn serve<S>(&self, mut client: S, peer: String)
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String) {
         let started = Instant::now();
         match self.open(&mut client).await {
             Err((target, Refusal(code, reason, body))) => {
@@ -102,7 +277,7 @@ impl ProxyContext {
                     return;
                 }
                 self.server.stats.proxy_open.fetch_add(1, Ordering::Relaxed);
-                let res = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                let res = client.relay(&mut upstream).await;
                 self.server.stats.proxy_open.fetch_sub(1, Ordering::Relaxed);
                 tracing::debug!(client = %peer, %target, result = ?res, "proxied connection closed");
             }
@@ -127,40 +302,38 @@ impl ProxyContext {
                 format!("method {} not allowed; use CONNECT", head.method),
             )));
         }
-        let addr: SocketAddr = match parse_target(&head.target) {
-            Ok(Target::Addr(a)) => a,
-            Ok(Target::Host { host, .. }) => {
-                return Err(fail(refuse(
-                    502,
-                    format!(
-                    "cannot resolve {host}: hostname targets are not supported, use an IP address"
-                ),
-                )))
-            }
+        let parsed = match parse_target(&head.target) {
+            Ok(t) => t,
             Err(e) => return Err(fail(refuse(400, format!("bad target: {e}")))),
         };
-        let ip = match addr.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(std::net::IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        let addr = SocketAddr::new(ip, addr.port());
-        if !self.server.shoot_networks.contains(ip) {
-            return Err(fail(refuse(
-                403,
-                format!("{ip} is not in the shoot networks"),
-            )));
+        match &parsed {
+            Target::Addr(a) => self.authorize(a.ip(), None).map_err(&fail)?,
+            Target::Host { host, .. } => {
+                resolver(&self.resolver, host).map_err(&fail)?;
+            }
         }
         if self.server.live_count() == 0 {
             return Err(fail(refuse(503, "no tunnel to the shoot is up")));
         }
+        // Taken before resolving, so the limit also bounds concurrent lookups.
         let permit = self
             .limit
             .clone()
             .try_acquire_owned()
             .map_err(|_| fail(refuse(503, "connection limit reached")))?;
+        let addr = match parsed {
+            Target::Addr(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            Target::Host { host, port } => {
+                let ip = resolver(&self.resolver, &host)
+                    .map_err(&fail)?
+                    .resolve(&host)
+                    .await;
+                let ip = ip.map_err(&fail)?.to_canonical();
+                tracing::debug!(%host, %ip, "resolved");
+                self.authorize(ip, Some(&host)).map_err(&fail)?;
+                SocketAddr::new(ip, port)
+            }
+        };
         let upstream = connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning)
             .await
             .map_err(|e| match e {
@@ -181,5 +354,45 @@ impl ProxyContext {
                 .map_err(|e| fail(refuse(502, format!("write to {addr}: {e}"))))?;
         }
         Ok((target, upstream, permit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver() -> Resolver {
+        Resolver {
+            server: "100.64.0.10:53".parse().unwrap(),
+            device: "tun0".into(),
+            cluster_domain: "cluster.local".into(),
+            timeout: Duration::from_secs(2),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn svc_names_get_the_cluster_domain() {
+        let r = resolver();
+        assert_eq!(r.fqdn("Web.Default.svc"), "web.default.svc.cluster.local");
+        assert_eq!(r.fqdn("web.default.svc."), "web.default.svc.");
+        assert_eq!(r.fqdn("api.example.org"), "api.example.org");
+        assert_eq!(r.fqdn("svc"), "svc");
+    }
+
+    #[test]
+    fn cache_is_bounded_and_capped() {
+        let r = resolver();
+        let ip: IpAddr = "100.96.1.10".parse().unwrap();
+        r.remember("zero.ttl", ip, Some(0));
+        r.remember("no.ttl", ip, None);
+        assert!(lock(&r.cache).is_empty());
+        r.remember("long.ttl", ip, Some(86400));
+        let exp = lock(&r.cache).get("long.ttl").unwrap().1;
+        assert!(exp <= Instant::now() + DNS_CACHE_TTL);
+        for i in 0..DNS_CACHE_NAMES + 10 {
+            r.remember(&format!("n{i}.example"), ip, Some(10));
+            assert!(lock(&r.cache).len() <= DNS_CACHE_NAMES);
+        }
     }
 }

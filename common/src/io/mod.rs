@@ -7,6 +7,7 @@ pub mod netlink;
 pub mod nft;
 pub mod signal;
 pub mod sock;
+pub mod splice;
 pub mod sysctl;
 pub mod tls;
 pub mod tun;

@@ -1,11 +1,14 @@
-//! TCP socket options, device-bound connects and the file-descriptor limit.
+//! TCP socket options, device-bound connects, device-bound DNS lookups over UDP and the
+//! file-descriptor limit.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+
+use crate::dns::{encode_query, parse_response, Answer, DnsError, QType};
 
 /// Socket options for tunnel and proxy connections (DESIGN §3.6, §3.7).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +123,78 @@ pub async fn connect_bound(
     }
 }
 
+/// Receive buffer of a DNS lookup (answers without EDNS fit into 512 bytes).
+const DNS_BUF: usize = 2048;
+
+/// Why [`dns_lookup`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Neither the query nor its retry was answered within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Socket setup or IO failed (e.g. `ECONNREFUSED` after an ICMP port unreachable).
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// The name is invalid, or the server's answer is truncated or malformed.
+    #[error("{0}")]
+    Dns(#[from] DnsError),
+}
+
+/// Asks `server` over UDP for the `qtype` records of `name`, from a socket bound to `device`
+/// (`SO_BINDTODEVICE`) when given. Uses a random query id, sends the query again when half of
+/// `timeout` passed without an answer, and gives up after `timeout`. Datagrams from other
+/// addresses, with another id or for another question are ignored.
+pub async fn dns_lookup(
+    server: SocketAddr,
+    device: Option<&str>,
+    name: &str,
+    qtype: QType,
+    timeout: Duration,
+) -> Result<Answer, LookupError> {
+    let id: u16 = rand::random();
+    let query = encode_query(id, name, qtype)?;
+    let start = tokio::time::Instant::now();
+    let (retry_at, deadline) = (start + timeout / 2, start + timeout);
+    let sock = udp_connected(server, device).map_err(LookupError::Io)?;
+    sock.send(&query).await.map_err(LookupError::Io)?;
+    let mut retried = false;
+    let mut buf = vec![0u8; DNS_BUF];
+    loop {
+        let until = if retried { deadline } else { retry_at };
+        let (n, from) = match tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+            Err(_) if retried => return Err(LookupError::Timeout(timeout)),
+            Err(_) => {
+                retried = true;
+                sock.send(&query).await.map_err(LookupError::Io)?;
+                continue;
+            }
+            Ok(r) => r.map_err(LookupError::Io)?,
+        };
+        if from.ip().to_canonical() != server.ip().to_canonical() || from.port() != server.port() {
+            continue;
+        }
+        match parse_response(buf.get(..n).unwrap_or_default(), id, name, qtype) {
+            Err(DnsError::IdMismatch { .. } | DnsError::Mismatch(_)) => continue,
+            other => return other.map_err(LookupError::Dns),
+        }
+    }
+}
+
+/// A non-blocking UDP socket bound to `device` (when given) and connected to `server`.
+fn udp_connected(server: SocketAddr, device: Option<&str>) -> io::Result<UdpSocket> {
+    let sock = Socket::new(
+        Domain::for_address(server),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    sock.set_nonblocking(true)?;
+    if let Some(dev) = device {
+        sock.bind_device(Some(dev.as_bytes()))?;
+    }
+    sock.connect(&server.into())?;
+    UdpSocket::from_std(std::net::UdpSocket::from(sock))
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped at `fs.nr_open` when the hard
 /// limit is unlimited). Returns `(old_soft, new_soft)`.
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
@@ -209,6 +284,78 @@ mod tests {
         drop(l);
         let refused = connect_bound(addr, None, Duration::from_secs(2), &off).await;
         assert!(matches!(refused, Err(ConnectError::Refused)), "{refused:?}");
+    }
+
+    /// A loopback DNS server that drops the first query, sends a datagram with a wrong id,
+    /// then answers `10.0.0.7` (A) or NXDOMAIN (other types).
+    async fn flaky_dns() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let mut seen = 0;
+            loop {
+                let (n, from) = s.recv_from(&mut buf).await.unwrap();
+                seen += 1;
+                if seen % 2 == 1 {
+                    continue;
+                }
+                let mut r = buf[..n].to_vec();
+                r[2] |= 0x80;
+                let mut wrong = r.clone();
+                wrong[0] ^= 0xff;
+                s.send_to(&wrong, from).await.unwrap();
+                if u16::from_be_bytes([r[n - 4], r[n - 3]]) == 1 {
+                    r[7] = 1; // one answer
+                    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 7]);
+                } else {
+                    r[3] |= 3;
+                }
+                s.send_to(&r, from).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn dns_lookup_retries_and_filters() {
+        let server = flaky_dns().await;
+        let t = Duration::from_millis(600);
+        let a = dns_lookup(server, None, "web.example.", QType::A, t)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.addrs,
+            vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(a.ttl, Some(30));
+        let a = dns_lookup(server, None, "web.example", QType::Aaaa, t)
+            .await
+            .unwrap();
+        assert_eq!(a.rcode, crate::dns::Rcode::NxDomain);
+        assert!(matches!(
+            dns_lookup(server, None, "a..b", QType::A, t).await,
+            Err(LookupError::Dns(DnsError::InvalidName(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn dns_lookup_times_out() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = silent.local_addr().unwrap();
+        let t = Duration::from_millis(300);
+        let start = std::time::Instant::now();
+        let r = dns_lookup(server, None, "web.example", QType::A, t).await;
+        assert!(matches!(r, Err(LookupError::Timeout(_))), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(1));
+        // Both the query and its retry arrived.
+        let mut buf = [0u8; 512];
+        for _ in 0..2 {
+            silent.try_recv_from(&mut buf).unwrap();
+        }
+        drop(silent);
+        let r = dns_lookup(server, None, "web.example", QType::A, t).await;
+        assert!(matches!(r, Err(LookupError::Io(_))), "closed port: {r:?}");
     }
 
     #[test]
