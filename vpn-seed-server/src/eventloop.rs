@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use bytes::BytesMut;
 use common::flow::{FlowConfig, FlowTable, TunnelId};
 use common::frame::MAX_FRAME_LEN;
@@ -314,11 +314,7 @@ pub async fn run(
         tasks.spawn(accept_proxy_uds(proxy.clone(), l));
     }
     if let Some(l) = listeners.metrics {
-        let h: Arc<dyn Health> = server.clone();
-        tasks.spawn(async move {
-            common::io::health::serve(l, h).await;
-            Err(anyhow!("metrics server stopped"))
-        });
+        tasks.spawn(common::io::process::health_task(l, server.clone()));
     }
 
     let result = tokio::select! {
@@ -326,11 +322,7 @@ pub async fn run(
             tracing::info!("shutting down");
             Ok(())
         }
-        Some(res) = tasks.join_next() => match res {
-            Ok(Ok(())) => Err(anyhow!("a server task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow!("a server task failed: {e}")),
-        },
+        Some(res) = tasks.join_next() => Err(common::io::process::task_ended(res)),
     };
     tasks.abort_all();
     if let Err(e) = netlink

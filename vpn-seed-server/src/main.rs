@@ -8,36 +8,10 @@ fn main() -> ExitCode {
     common::io::log::init(&args.log_format);
     let cfg = match args.validate() {
         Ok(c) => c,
-        Err(errs) => {
-            for e in &errs {
-                eprintln!("configuration error: {e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(errs) => return common::io::process::config_errors(&errs),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let res = rt.block_on(async {
+    common::io::process::run("vpn-seed-server", |shutdown| async move {
         let listeners = vpn_seed_server::Listeners::bind(&cfg).await?;
-        vpn_seed_server::run(cfg, listeners, async {
-            let sig = common::io::signal::terminate().await;
-            tracing::info!(signal = sig, "received signal");
-        })
-        .await
-    });
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "vpn-seed-server failed");
-            ExitCode::from(1)
-        }
-    }
+        vpn_seed_server::run(cfg, listeners, shutdown).await
+    })
 }

@@ -100,7 +100,9 @@ pub async fn serve_stream(
         // The first message must authenticate before this stream may replace another.
         slot.session
             .decapsulate(&first, Instant::now(), &mut to_net, |p| {
-                accept_inbound(&server, id, p, &mut tun)
+                if PacketView::parse(p).is_ok_and(|v| admit_inbound(&server, id, &v)) {
+                    tun.push(p);
+                }
             })
             .context("first message")?;
         slot.generation += 1;
@@ -152,25 +154,16 @@ pub async fn serve_stream(
     res
 }
 
-/// Checks a decrypted packet against the flow table and queues it for the TUN.
-fn accept_inbound(server: &Server, id: TunnelId, p: &[u8], tun: &mut TunWriter) {
-    let view = match PacketView::parse(p) {
-        Ok(v) => v,
-        Err(_) => {
-            inc(&server.stats.drops_malformed);
-            return;
-        }
-    };
-    let verdict = lock(&server.flows).inbound(&view, id, &server.tunnel_sources, Instant::now());
+/// Whether a decrypted packet from tunnel `id` may enter the seed: a reply to a known flow
+/// pinned to that tunnel (or an ICMP error about one), from the shoot or VPN networks.
+fn admit_inbound(server: &Server, id: TunnelId, view: &PacketView) -> bool {
+    let verdict = lock(&server.flows).inbound(view, id, &server.tunnel_sources, Instant::now());
     match verdict {
-        Ok(()) => {
-            if !tun.push(p) {
-                inc(&server.stats.drops_queue_full);
-            }
-        }
+        Ok(()) => true,
         Err(reason) => {
             inc(&server.stats.drops_flow);
             tracing::trace!(src = %view.src(), dst = %view.dst(), reason = reason.reason(), "dropped packet from tunnel");
+            false
         }
     }
 }
@@ -202,7 +195,7 @@ async fn read_loop(
     let mut was_established = false;
     loop {
         // Decrypt what the buffer holds, up to one TUN batch, under the peer's lock.
-        let mut more = false;
+        let more;
         {
             let mut slot = server
                 .peer(id)
@@ -210,25 +203,17 @@ async fn read_loop(
             if slot.stream.as_ref().map(|s| s.generation) != Some(generation) {
                 return Ok(());
             }
-            let now = Instant::now();
-            while !tun.is_full() {
-                let Some(frame) = decoder.decode(&mut buf)? else {
-                    break;
-                };
-                server
-                    .stats
-                    .tunnel_rx_bytes
-                    .fetch_add(frame.len() as u64 + 2, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
-                    accept_inbound(&server, id, p, &mut tun)
-                }) {
-                    if e.is_fatal() {
-                        return Err(e).context("tunnel message");
-                    }
-                    tracing::debug!(error = %e, "tunnel message dropped");
-                }
-                more = tun.is_full();
-            }
+            more = common::io::framed::decrypt_frames(
+                &mut slot.session,
+                &decoder,
+                &mut buf,
+                Instant::now(),
+                &mut to_net,
+                &mut tun,
+                &server.stats.tunnel_rx_bytes,
+                |view| admit_inbound(&server, id, view),
+            )
+            .context("tunnel stream")?;
             let established = slot.session.is_established();
             if established != was_established {
                 was_established = established;

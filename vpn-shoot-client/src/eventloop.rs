@@ -244,22 +244,14 @@ pub async fn run(
     tasks.spawn(pump_tun(client.clone(), tun.reader()));
     tasks.spawn(timers(client.clone()));
     if let Some(l) = metrics {
-        let h: Arc<dyn Health> = client.clone();
-        tasks.spawn(async move {
-            common::io::health::serve(l, h).await;
-            Err(anyhow!("metrics server stopped"))
-        });
+        tasks.spawn(common::io::process::health_task(l, client.clone()));
     }
     let result = tokio::select! {
         _ = shutdown => {
             tracing::info!("shutting down");
             Ok(())
         }
-        Some(res) = tasks.join_next() => match res {
-            Ok(Ok(())) => Err(anyhow!("a client task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow!("a client task failed: {e}")),
-        },
+        Some(res) = tasks.join_next() => Err(common::io::process::task_ended(res)),
     };
     tasks.abort_all();
     if let Err(e) = net.nat.remove() {
@@ -381,37 +373,27 @@ async fn read_loop(
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
     loop {
         // Decrypt what the buffer holds, up to one TUN batch, under the tunnel's lock.
-        let mut more = false;
+        let more;
         {
             let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
             if slot.stream.as_ref().map(|s| s.generation) != Some(generation) {
                 return Ok(());
             }
             let now = Instant::now();
-            while !tun.is_full() {
-                let Some(frame) = decoder.decode(&mut buf)? else {
-                    break;
-                };
-                client
-                    .stats
-                    .tunnel_rx_bytes
-                    .fetch_add(frame.len() as u64 + 2, Ordering::Relaxed);
-                let res = slot.session.decapsulate(&frame, now, &mut to_net, |p| {
-                    if let Ok(view) = PacketView::parse(p) {
-                        let _ = lock(&client.flows).from_tunnel(&view, id, now);
-                        if !tun.push(p) {
-                            inc(&client.stats.drops);
-                        }
-                    }
-                });
-                if let Err(e) = res {
-                    if e.is_fatal() {
-                        return Err(e).context("tunnel message");
-                    }
-                    tracing::debug!(error = %e, "tunnel message dropped");
-                }
-                more = tun.is_full();
-            }
+            more = common::io::framed::decrypt_frames(
+                &mut slot.session,
+                &decoder,
+                &mut buf,
+                now,
+                &mut to_net,
+                &mut tun,
+                &client.stats.tunnel_rx_bytes,
+                |view| {
+                    let _ = lock(&client.flows).from_tunnel(view, id, now);
+                    true
+                },
+            )
+            .context("tunnel stream")?;
         }
         if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
             inc(&client.stats.drops);

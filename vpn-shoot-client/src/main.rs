@@ -38,24 +38,9 @@ fn main() -> ExitCode {
     common::io::log::init(&cli.args.log_format);
     let cfg = match cli.args.validate() {
         Ok(c) => c,
-        Err(errs) => {
-            for e in &errs {
-                eprintln!("configuration error: {e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(errs) => return common::io::process::config_errors(&errs),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let res = rt.block_on(async {
+    common::io::process::run("vpn-shoot-client", |shutdown| async move {
         let metrics = match cfg.metrics_listen {
             Some(a) => Some(
                 tokio::net::TcpListener::bind(a)
@@ -64,17 +49,6 @@ fn main() -> ExitCode {
             ),
             None => None,
         };
-        vpn_shoot_client::run(cfg, metrics, async {
-            let sig = common::io::signal::terminate().await;
-            tracing::info!(signal = sig, "received signal");
-        })
-        .await
-    });
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "vpn-shoot-client failed");
-            ExitCode::from(1)
-        }
-    }
+        vpn_shoot_client::run(cfg, metrics, shutdown).await
+    })
 }

@@ -5,6 +5,7 @@ pub mod health;
 pub mod log;
 pub mod netlink;
 pub mod nft;
+pub mod process;
 pub mod signal;
 pub mod sock;
 pub mod splice;
