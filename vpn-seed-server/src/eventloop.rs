@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use crate::config::Config;
 use crate::proxy::ProxyContext;
 use crate::state::{inc, lock, PeerSlot, Server, Stats, ANSWER_CODES};
-use crate::tunnel::serve_stream;
+use crate::tunnel::{send_frames, serve_stream};
 
 /// Concurrent tunnel streams being accepted (before they are bound to a peer).
 const MAX_PENDING_STREAMS: usize = 256;
@@ -468,12 +468,12 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
                 continue;
             }
             let frames = out.split().freeze();
-            let sent = server
+            match server
                 .peer(i as TunnelId)
-                .and_then(|slot| slot.stream.as_ref().map(|s| s.tx.try_send(frames).is_ok()))
-                .unwrap_or(false);
-            if !sent {
-                inc(&server.stats.drops_queue_full);
+                .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
+            {
+                Some(sink) => send_frames(&server, &sink, frames),
+                None => inc(&server.stats.drops_queue_full),
             }
         }
     }
@@ -504,7 +504,7 @@ async fn timers(server: Arc<Server>, tls: Option<Arc<ReloadingServerConfig>>) ->
             if !out.is_empty() {
                 let frames = out.split().freeze();
                 if let Some(s) = &slot.stream {
-                    let _ = s.tx.try_send(frames);
+                    send_frames(&server, &s.sink, frames);
                 }
             }
             let established = slot.stream.is_some() && slot.session.is_established();

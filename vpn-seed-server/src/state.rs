@@ -5,23 +5,19 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use bytes::Bytes;
 use common::cidr::CidrSet;
 use common::flow::{FlowTable, TunnelId};
 use common::hub::Hub;
+use common::io::framed::FrameSink;
 use common::session::Session;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-
-/// Frames queued toward one tunnel stream before packets are dropped (like a NIC queue).
-pub const STREAM_QUEUE: usize = 1024;
 
 /// The stream currently carrying a peer's tunnel.
 pub struct StreamHandle {
     /// Increases with every new stream of this peer; a task whose generation is stale stops.
     pub generation: u64,
-    /// Framed bytes to write to the stream.
-    pub tx: mpsc::Sender<Bytes>,
+    /// Where framed bytes for the stream go.
+    pub sink: FrameSink,
     /// Stops the stream's reader task when the stream is replaced or declared dead.
     pub reader: Option<AbortHandle>,
     pub remote: String,
@@ -29,6 +25,7 @@ pub struct StreamHandle {
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
+        self.sink.close();
         if let Some(r) = self.reader.take() {
             r.abort();
         }

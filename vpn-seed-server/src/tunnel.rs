@@ -9,14 +9,13 @@ use bytes::{Bytes, BytesMut};
 use common::connect::{format_response, parse_request, MAX_HEAD_LEN};
 use common::flow::TunnelId;
 use common::frame::{check_preamble, FrameDecoder, MAX_FRAME_LEN, PREAMBLE};
+use common::io::framed::{read_some, FrameSink, MAX_QUEUED};
 use common::io::tunio::TunWriter;
 use common::packet::PacketView;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
-use crate::state::{inc, lock, Server, StreamHandle, STREAM_QUEUE};
+use crate::state::{inc, lock, Server, StreamHandle};
 
 /// Time a new stream has to send its CONNECT head, preamble and first message.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +23,7 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUF: usize = 256 * 1024;
 
 /// Reads until `buf` holds at least `n` bytes.
-async fn fill(r: &mut OwnedReadHalf, buf: &mut BytesMut, n: usize) -> Result<()> {
+async fn fill(r: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Result<()> {
     while buf.len() < n {
         if r.read_buf(buf).await? == 0 {
             bail!("stream closed after {} bytes", buf.len());
@@ -35,11 +34,7 @@ async fn fill(r: &mut OwnedReadHalf, buf: &mut BytesMut, n: usize) -> Result<()>
 
 /// Handles an optional CONNECT head and the preamble; returns the first frame and what was
 /// read beyond it.
-async fn open_stream(
-    r: &mut OwnedReadHalf,
-    w: &mut OwnedWriteHalf,
-    decoder: &FrameDecoder,
-) -> Result<(BytesMut, BytesMut)> {
+async fn open_stream(r: &mut TcpStream, decoder: &FrameDecoder) -> Result<(BytesMut, BytesMut)> {
     let mut buf = BytesMut::with_capacity(READ_BUF);
     fill(r, &mut buf, 8).await?;
     if buf.starts_with(b"CONNECT ") {
@@ -55,7 +50,7 @@ async fn open_stream(
         };
         tracing::debug!(target = %head.target, "tunnel stream begins with CONNECT");
         let _ = buf.split_to(len);
-        w.write_all(&format_response(200, "Connection established", ""))
+        r.write_all(&format_response(200, "Connection established", ""))
             .await?;
         fill(r, &mut buf, 8).await?;
     }
@@ -82,15 +77,16 @@ pub async fn serve_stream(
     stream: TcpStream,
     remote: String,
 ) -> Result<()> {
-    let (mut r, mut w) = stream.into_split();
+    let mut stream = stream;
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
-    let (first, rest) = tokio::time::timeout(ACCEPT_TIMEOUT, open_stream(&mut r, &mut w, &decoder))
+    let (first, rest) = tokio::time::timeout(ACCEPT_TIMEOUT, open_stream(&mut stream, &decoder))
         .await
         .map_err(|_| anyhow!("no preamble and first message within {ACCEPT_TIMEOUT:?}"))??;
 
     let peer = server.hub.identify(&first).context("identify peer")?;
     let id = peer as TunnelId;
-    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let sock = Arc::new(stream);
+    let sink = FrameSink::new(Some(sock.clone()), MAX_QUEUED);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
     let mut tun = tun;
     let generation = {
@@ -110,7 +106,7 @@ pub async fn serve_stream(
         slot.session.stream_up(Instant::now(), &mut to_net)?;
         if let Some(old) = slot.stream.replace(StreamHandle {
             generation,
-            tx: tx.clone(),
+            sink: sink.clone(),
             reader: None,
             remote: remote.clone(),
         }) {
@@ -121,20 +117,18 @@ pub async fn serve_stream(
     inc(&server.stats.streams_accepted);
     tracing::info!(peer, %remote, generation, "tunnel stream up");
     if !to_net.is_empty() {
-        let _ = tx.try_send(to_net.split().freeze());
+        send_frames(&server, &sink, to_net.split().freeze());
     }
     flush_tun(&mut tun, &server).await;
     server.refresh_live();
 
     let writer = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            common::io::framed::write_frames(rx, w, &server.stats.tunnel_tx_bytes).await
-        })
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.run_writer(tokio::io::sink()).await })
     };
     let reader = {
         let server = server.clone();
-        tokio::spawn(async move { read_loop(server, tun, id, generation, r, rest, tx).await })
+        tokio::spawn(async move { read_loop(server, tun, id, generation, sock, rest, sink).await })
     };
     if let Some(mut slot) = server.peer(id) {
         if let Some(s) = slot.stream.as_mut().filter(|s| s.generation == generation) {
@@ -168,6 +162,19 @@ fn admit_inbound(server: &Server, id: TunnelId, view: &PacketView) -> bool {
     }
 }
 
+/// Sends frames on a peer's stream, counting what was sent and what was dropped.
+pub fn send_frames(server: &Server, sink: &FrameSink, frames: Bytes) {
+    let n = frames.len() as u64;
+    if sink.send(frames) {
+        server
+            .stats
+            .tunnel_tx_bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        inc(&server.stats.drops_queue_full);
+    }
+}
+
 async fn flush_tun(tun: &mut TunWriter, server: &Server) {
     let n = tun.len() as u64;
     match tun.flush().await {
@@ -186,9 +193,9 @@ async fn read_loop(
     mut tun: TunWriter,
     id: TunnelId,
     generation: u64,
-    mut r: OwnedReadHalf,
+    sock: Arc<TcpStream>,
     mut buf: BytesMut,
-    tx: mpsc::Sender<Bytes>,
+    sink: FrameSink,
 ) -> Result<()> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
@@ -221,8 +228,8 @@ async fn read_loop(
                 server.refresh_live();
             }
         }
-        if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
-            inc(&server.stats.drops_queue_full);
+        if !to_net.is_empty() {
+            send_frames(&server, &sink, to_net.split().freeze());
         }
         flush_tun(&mut tun, &server).await;
         if more {
@@ -231,7 +238,7 @@ async fn read_loop(
         if buf.capacity() - buf.len() < MAX_FRAME_LEN {
             buf.reserve(READ_BUF);
         }
-        if r.read_buf(&mut buf).await? == 0 {
+        if read_some(&sock, &mut buf).await? == 0 {
             return Ok(());
         }
     }

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use common::connect::{format_connect_request, parse_response, MAX_HEAD_LEN};
 use common::frame::PREAMBLE;
+use common::io::framed::FrameSink;
 use common::io::sock::{tune_stream, TcpTuning};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,12 +19,60 @@ use crate::config::Config;
 pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// An open tunnel stream: reader, writer, and bytes already read past the CONNECT answer.
+/// The transport of an open tunnel stream.
+pub enum Transport {
+    /// Plain TCP: written directly from any task, read by readiness.
+    Plain(Arc<TcpStream>),
+    /// TLS to the ingress: read and written through the TLS stream's halves.
+    Tls(Reader, Writer),
+}
+
+/// An open tunnel stream and bytes already read past the CONNECT answer.
 pub struct Dialed {
-    pub reader: Reader,
-    pub writer: Writer,
+    pub transport: Transport,
     pub leftover: BytesMut,
     pub remote: String,
+}
+
+impl Dialed {
+    /// Splits into the reading side and the sink that writes frames (and its writer half).
+    pub fn into_parts(self, max_queued: usize) -> (StreamReader, FrameSink, Option<Writer>) {
+        match self.transport {
+            Transport::Plain(sock) => (
+                StreamReader::Plain(sock.clone()),
+                FrameSink::new(Some(sock), max_queued),
+                None,
+            ),
+            Transport::Tls(r, w) => (
+                StreamReader::Tls(r),
+                FrameSink::new(None, max_queued),
+                Some(w),
+            ),
+        }
+    }
+}
+
+/// The reading side of a tunnel stream.
+pub enum StreamReader {
+    Plain(Arc<TcpStream>),
+    Tls(Reader),
+}
+
+impl StreamReader {
+    /// Reads what is available into `buf`; 0 at end of stream.
+    pub async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            StreamReader::Plain(sock) => common::io::framed::read_some(sock, buf).await,
+            StreamReader::Tls(r) => r.read_buf(buf).await,
+        }
+    }
+}
+
+async fn write_all(t: &mut Transport, data: &[u8]) -> std::io::Result<()> {
+    match t {
+        Transport::Plain(sock) => common::io::framed::write_direct(sock, data).await,
+        Transport::Tls(_, w) => w.write_all(data).await,
+    }
 }
 
 /// Everything needed to dial one seed server replica.
@@ -85,22 +134,18 @@ impl Dialer {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| format!("{}:{}", self.host, self.port));
         tune_stream(&tcp, &TcpTuning::default()).context("socket options")?;
-        let (mut reader, mut writer): (Reader, Writer) = match &self.tls {
-            None => {
-                let (r, w) = tcp.into_split();
-                (Box::pin(r), Box::pin(w))
-            }
+        let mut transport = match &self.tls {
+            None => Transport::Plain(Arc::new(tcp)),
             Some((cfg, name)) => {
                 let s = tokio_rustls::TlsConnector::from(cfg.clone())
                     .connect(name.clone(), tcp)
                     .await
                     .context("TLS to the ingress")?;
                 let (r, w) = tokio::io::split(s);
-                (Box::pin(r), Box::pin(w))
+                Transport::Tls(Box::pin(r), Box::pin(w))
             }
         };
-        writer
-            .write_all(&self.request)
+        write_all(&mut transport, &self.request)
             .await
             .context("send CONNECT")?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -111,7 +156,11 @@ impl Dialer {
             if buf.len() >= MAX_HEAD_LEN {
                 bail!("ingress answer head exceeds {MAX_HEAD_LEN} bytes");
             }
-            if reader.read_buf(&mut buf).await? == 0 {
+            let n = match &mut transport {
+                Transport::Plain(sock) => common::io::framed::read_some(sock, &mut buf).await?,
+                Transport::Tls(r, _) => r.read_buf(&mut buf).await?,
+            };
+            if n == 0 {
                 bail!("ingress closed the connection before answering");
             }
         };
@@ -124,10 +173,11 @@ impl Dialer {
         let mut hello = Vec::with_capacity(PREAMBLE.len() + first.len());
         hello.extend_from_slice(&PREAMBLE);
         hello.extend_from_slice(first);
-        writer.write_all(&hello).await.context("send preamble")?;
+        write_all(&mut transport, &hello)
+            .await
+            .context("send preamble")?;
         Ok(Dialed {
-            reader,
-            writer,
+            transport,
             leftover,
             remote,
         })

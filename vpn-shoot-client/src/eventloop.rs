@@ -10,6 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use bytes::{Bytes, BytesMut};
 use common::flow::{FlowConfig, FlowTable, TunnelId};
 use common::frame::{FrameDecoder, MAX_FRAME_LEN};
+use common::io::framed::{FrameSink, MAX_QUEUED};
 use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
@@ -17,15 +18,12 @@ use common::io::tunio::{Tun, TunReader, TunWriter, GSO_MAX_SIZE};
 use common::packet::PacketView;
 use common::session::{Session, SessionConfig};
 use rand::Rng;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::config::Config;
-use crate::dialer::Dialer;
+use crate::dialer::{Dialer, StreamReader};
 
-const STREAM_QUEUE: usize = 1024;
 const READ_BUF: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -35,12 +33,13 @@ const BACKOFF_RESET: Duration = Duration::from_secs(30);
 
 struct StreamHandle {
     generation: u64,
-    tx: mpsc::Sender<Bytes>,
+    sink: FrameSink,
     reader: Option<AbortHandle>,
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
+        self.sink.close();
         if let Some(r) = self.reader.take() {
             r.abort();
         }
@@ -79,6 +78,16 @@ fn inc(c: &AtomicU64) {
 }
 
 impl Client {
+    /// Sends frames on a tunnel stream, counting what was sent and what was dropped.
+    fn send_frames(&self, sink: &FrameSink, frames: Bytes) {
+        let n = frames.len() as u64;
+        if sink.send(frames) {
+            self.stats.tunnel_tx_bytes.fetch_add(n, Ordering::Relaxed);
+        } else {
+            inc(&self.stats.drops);
+        }
+    }
+
     fn slot(&self, id: TunnelId) -> Option<MutexGuard<'_, TunnelSlot>> {
         usize::try_from(id)
             .ok()
@@ -303,38 +312,34 @@ async fn connect_once(
     if attempts > 0 {
         inc(&client.stats.reconnects);
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let remote = dialed.remote.clone();
+    let leftover = dialed.leftover.clone();
+    let (stream_reader, sink, tls_writer) = dialed.into_parts(MAX_QUEUED);
     let generation = {
         let mut slot = client.slot(id).ok_or_else(|| anyhow!("no tunnel {id}"))?;
         slot.generation += 1;
         slot.stream = Some(StreamHandle {
             generation: slot.generation,
-            tx: tx.clone(),
+            sink: sink.clone(),
             reader: None,
         });
         slot.generation
     };
-    tracing::info!(tunnel = id, remote = %dialed.remote, "tunnel stream open");
+    tracing::info!(tunnel = id, %remote, "tunnel stream open");
     let writer = {
-        let client = client.clone();
+        let sink = sink.clone();
         tokio::spawn(async move {
-            common::io::framed::write_frames(rx, dialed.writer, &client.stats.tunnel_tx_bytes).await
+            match tls_writer {
+                Some(w) => sink.run_writer(w).await,
+                None => sink.run_writer(tokio::io::sink()).await,
+            }
         })
     };
     let reader = {
         let client = client.clone();
         let tun = tun.writer();
         tokio::spawn(async move {
-            read_loop(
-                client,
-                tun,
-                id,
-                generation,
-                dialed.reader,
-                dialed.leftover,
-                tx,
-            )
-            .await
+            read_loop(client, tun, id, generation, stream_reader, leftover, sink).await
         })
     };
     if let Some(mut slot) = client.slot(id) {
@@ -365,9 +370,9 @@ async fn read_loop(
     mut tun: TunWriter,
     id: TunnelId,
     generation: u64,
-    mut r: crate::dialer::Reader,
+    mut r: StreamReader,
     mut buf: BytesMut,
-    tx: mpsc::Sender<Bytes>,
+    sink: FrameSink,
 ) -> Result<()> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut to_net = BytesMut::with_capacity(MAX_FRAME_LEN);
@@ -395,8 +400,8 @@ async fn read_loop(
             )
             .context("tunnel stream")?;
         }
-        if !to_net.is_empty() && tx.try_send(to_net.split().freeze()).is_err() {
-            inc(&client.stats.drops);
+        if !to_net.is_empty() {
+            client.send_frames(&sink, to_net.split().freeze());
         }
         let n = tun.len() as u64;
         match tun.flush().await {
@@ -411,7 +416,7 @@ async fn read_loop(
         if buf.capacity() - buf.len() < MAX_FRAME_LEN {
             buf.reserve(READ_BUF);
         }
-        if r.read_buf(&mut buf).await? == 0 {
+        if r.read(&mut buf).await? == 0 {
             return Err(anyhow!("server closed the stream"));
         }
     }
@@ -464,12 +469,12 @@ async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
                 continue;
             }
             let frames = out.split().freeze();
-            let sent = client
+            match client
                 .slot(i as TunnelId)
-                .and_then(|slot| slot.stream.as_ref().map(|s| s.tx.try_send(frames).is_ok()))
-                .unwrap_or(false);
-            if !sent {
-                inc(&client.stats.drops);
+                .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
+            {
+                Some(sink) => client.send_frames(&sink, frames),
+                None => inc(&client.stats.drops),
             }
         }
     }
@@ -497,7 +502,7 @@ async fn timers(client: Arc<Client>) -> Result<()> {
             if !out.is_empty() {
                 let frames = out.split().freeze();
                 if let Some(s) = &slot.stream {
-                    let _ = s.tx.try_send(frames);
+                    client.send_frames(&s.sink, frames);
                 }
             }
         }
