@@ -477,6 +477,13 @@ impl Session {
         self.stream_up = false;
     }
 
+    /// Whether the session was resumed on a stream (a keepalive instead of a handshake) and
+    /// the peer has not answered since. A stream that ends in this state most likely met a
+    /// peer that lost the session (a restarted server): the next stream sends a handshake.
+    pub fn is_resuming(&self) -> bool {
+        self.resume_unconfirmed
+    }
+
     /// Whether a stream is currently attached.
     pub fn is_stream_up(&self) -> bool {
         self.stream_up

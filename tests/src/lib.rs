@@ -6,6 +6,7 @@
 //! The binaries `ingress-standin`, `podserver` and `lab` of this crate are real tools used by
 //! the end-to-end tests and by `scripts/lab.sh`.
 
+pub mod bench;
 pub mod client;
 pub mod env;
 pub mod lab;

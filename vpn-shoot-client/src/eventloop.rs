@@ -273,6 +273,7 @@ pub async fn run(
 async fn keep_connected(client: Arc<Client>, tun: Tun, id: TunnelId, dialer: Dialer) -> Result<()> {
     let mut backoff = BACKOFF_MIN;
     let mut attempts: u64 = 0;
+    let mut retried_at_once = false;
     loop {
         let started = Instant::now();
         match connect_once(&client, &tun, id, &dialer, attempts).await {
@@ -287,6 +288,20 @@ async fn keep_connected(client: Arc<Client>, tun: Tun, id: TunnelId, dialer: Dia
         if started.elapsed() >= BACKOFF_RESET {
             backoff = BACKOFF_MIN;
         }
+        // A resumed stream the server closed unanswered (it restarted and lost the session):
+        // the next stream carries a handshake, so it goes out at once.
+        let resumed_unanswered = client
+            .slot(id)
+            .is_some_and(|slot| slot.session.is_resuming());
+        if resumed_unanswered && !retried_at_once && started.elapsed() < Duration::from_secs(2) {
+            tracing::info!(
+                tunnel = id,
+                "server did not know the resumed session; handshaking now"
+            );
+            retried_at_once = true;
+            continue;
+        }
+        retried_at_once = false;
         let wait =
             Duration::from_millis(rand::thread_rng().gen_range(0..=backoff.as_millis() as u64));
         tracing::debug!(tunnel = id, ?wait, "reconnecting after backoff");
