@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod cidr;
+pub mod config;
 pub mod connect;
 pub mod dns;
 pub mod flow;

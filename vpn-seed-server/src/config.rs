@@ -157,19 +157,6 @@ pub struct Config {
     pub keepalive: Duration,
 }
 
-fn parse_listen(flag: &str, v: &str, errs: &mut Vec<String>) -> Option<SocketAddr> {
-    if v.eq_ignore_ascii_case("off") || v.is_empty() {
-        return None;
-    }
-    match v.parse() {
-        Ok(a) => Some(a),
-        Err(e) => {
-            errs.push(format!("--{flag} {v:?}: {e}"));
-            None
-        }
-    }
-}
-
 /// Host address number `n` of `net` (n = 1 is the first host address).
 pub fn host_addr(net: &IpNet, n: u32) -> Option<IpNet> {
     let addr = match net.network() {
@@ -182,33 +169,15 @@ pub fn host_addr(net: &IpNet, n: u32) -> Option<IpNet> {
     IpNet::new(addr, net.prefix_len()).ok()
 }
 
-/// Parses the VPN network list; at most one network per address family.
-pub fn parse_vpn_networks(v: &str, errs: &mut Vec<String>) -> Vec<IpNet> {
-    match common::cidr::parse_list(v) {
-        Ok(set) => {
-            let nets: Vec<IpNet> = set.iter().copied().collect();
-            let v4 = nets.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
-            if nets.is_empty() || v4 > 1 || nets.len() - v4 > 1 {
-                errs.push(format!(
-                    "--vpn-network {v:?}: give one IPv4 and/or one IPv6 network"
-                ));
-            }
-            nets
-        }
-        Err(e) => {
-            errs.push(format!("--vpn-network: {e}"));
-            Vec::new()
-        }
-    }
-}
-
 impl Args {
     /// Validates everything and reports all errors at once.
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
         let tunnel_listen = self.tunnel_listen;
-        let proxy_listen = parse_listen("proxy-listen", &self.proxy_listen, &mut errs);
-        let metrics_listen = parse_listen("metrics-listen", &self.metrics_listen, &mut errs);
+        let proxy_listen =
+            common::config::listen_addr("proxy-listen", &self.proxy_listen, &mut errs);
+        let metrics_listen =
+            common::config::listen_addr("metrics-listen", &self.metrics_listen, &mut errs);
 
         let tls = match (
             &self.proxy_tls_cert,
@@ -250,7 +219,7 @@ impl Args {
             errs.push("no shoot networks: set --shoot-pod-networks, --shoot-service-networks and/or --shoot-node-networks".into());
         }
 
-        let vpn_networks = parse_vpn_networks(&self.vpn_network, &mut errs);
+        let vpn_networks = common::config::vpn_networks(&self.vpn_network, &mut errs);
         let mut tun_addrs = Vec::new();
         for net in &vpn_networks {
             match self
@@ -274,15 +243,7 @@ impl Args {
                 errs.push(format!("--peer {p:?}: {e}"));
             }
         }
-        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
-            errs.push(format!(
-                "--tun-name {:?}: must be 1 to 15 characters",
-                self.tun_name
-            ));
-        }
-        if !(1280..=9000).contains(&self.mtu) {
-            errs.push(format!("--mtu {}: must be within 1280..=9000", self.mtu));
-        }
+        common::config::tun(&self.tun_name, self.mtu, &mut errs);
         if self.max_connections == 0 {
             errs.push("--max-connections must be at least 1".into());
         }

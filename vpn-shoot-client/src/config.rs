@@ -245,44 +245,10 @@ impl Args {
         if private_key_file.as_os_str().is_empty() {
             errs.push("--private-key-file is required".into());
         }
-        let vpn_networks = match common::cidr::parse_list(&self.vpn_network) {
-            Ok(set) => {
-                let nets: Vec<IpNet> = set.iter().copied().collect();
-                let v4 = nets.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
-                if nets.is_empty() || v4 > 1 || nets.len() - v4 > 1 {
-                    errs.push(format!(
-                        "--vpn-network {:?}: give one IPv4 and/or one IPv6 network",
-                        self.vpn_network
-                    ));
-                }
-                nets
-            }
-            Err(e) => {
-                errs.push(format!("--vpn-network: {e}"));
-                Vec::new()
-            }
-        };
-        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
-            errs.push(format!(
-                "--tun-name {:?}: must be 1 to 15 characters",
-                self.tun_name
-            ));
-        }
-        if !(1280..=9000).contains(&self.mtu) {
-            errs.push(format!("--mtu {}: must be within 1280..=9000", self.mtu));
-        }
+        let vpn_networks = common::config::vpn_networks(&self.vpn_network, &mut errs);
+        common::config::tun(&self.tun_name, self.mtu, &mut errs);
         let metrics_listen =
-            if self.metrics_listen.eq_ignore_ascii_case("off") || self.metrics_listen.is_empty() {
-                None
-            } else {
-                match self.metrics_listen.parse() {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        errs.push(format!("--metrics-listen {:?}: {e}", self.metrics_listen));
-                        None
-                    }
-                }
-            };
+            common::config::listen_addr("metrics-listen", &self.metrics_listen, &mut errs);
         if self.keepalive < Duration::from_secs(1) {
             errs.push("--keepalive must be at least 1s".into());
         }
