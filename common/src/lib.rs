@@ -3,7 +3,6 @@
 //! Everything outside [`io`] is synchronous, takes `now` as an argument where time matters,
 //! and returns data. [`io`] holds the shared async adapters used by both binaries.
 
-pub mod batch;
 pub mod cidr;
 pub mod config;
 pub mod connect;
