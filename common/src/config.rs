@@ -2,6 +2,7 @@
 //! names the flag and the offending value onto `errs`, so that all errors are reported at once.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -48,6 +49,24 @@ pub fn tun(name: &str, mtu: u16, errs: &mut Vec<String>) {
     }
     if !(1280..=9000).contains(&mtu) {
         errs.push(format!("--mtu {mtu}: must be within 1280..=9000"));
+    }
+}
+
+/// Keepalive interval and dead-peer timeout: keepalive at least 100 ms, and the timeout at
+/// least two keepalive intervals (one lost keepalive must not end a healthy tunnel).
+pub fn liveness(keepalive: Duration, dead_peer_timeout: Duration, errs: &mut Vec<String>) {
+    if keepalive < Duration::from_millis(100) {
+        errs.push(format!(
+            "--keepalive {}: must be at least 100ms",
+            humantime::format_duration(keepalive)
+        ));
+    }
+    if dead_peer_timeout < keepalive.saturating_mul(2) {
+        errs.push(format!(
+            "--dead-peer-timeout {}: must be at least twice --keepalive ({})",
+            humantime::format_duration(dead_peer_timeout),
+            humantime::format_duration(keepalive)
+        ));
     }
 }
 

@@ -42,6 +42,9 @@ pub enum KeyError {
         /// File path.
         path: PathBuf,
     },
+    /// A peers directory holds more than [`MAX_PEER_FILES`] files.
+    #[error("more than {MAX_PEER_FILES} key files")]
+    TooManyFiles,
     /// The key file's content is not a valid key.
     #[error("key file {}: {reason}", path.display())]
     InFile {
@@ -101,14 +104,54 @@ pub fn load_psk(path: &Path) -> Result<[u8; 32], KeyError> {
     load_key_file(path)
 }
 
+/// Upper bound on the files of a peers directory.
+pub const MAX_PEER_FILES: usize = 1024;
+
+/// Reads the public keys of a peers directory: every file whose name does not start with `.`
+/// (Kubernetes Secret volumes keep their bookkeeping in `..data` and friends; the visible
+/// entries are symlinks to the files) holds one base64 public key. Returns (file name, key)
+/// sorted by name.
+pub fn load_public_keys_dir(dir: &Path) -> Result<Vec<(String, PublicKey)>, KeyError> {
+    let io_err = |source| KeyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        // Follows symlinks, so Secret volume entries count as files.
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if out.len() == MAX_PEER_FILES {
+            return Err(KeyError::InFile {
+                path: dir.to_path_buf(),
+                reason: Box::new(KeyError::TooManyFiles),
+            });
+        }
+        let key = read_key_file(&path, false)?;
+        out.push((name, PublicKey::from(key)));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 fn load_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+    read_key_file(path, true)
+}
+
+fn read_key_file(path: &Path, secret: bool) -> Result<[u8; 32], KeyError> {
     let io_err = |source| KeyError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = std::fs::File::open(path).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
-    warn_if_readable_by_others(path, &meta);
+    if secret {
+        warn_if_readable_by_others(path, &meta);
+    }
     let mut text = String::new();
     file.take(MAX_KEY_FILE_LEN + 1)
         .read_to_string(&mut text)
@@ -306,5 +349,34 @@ mod tests {
         assert!(!logged.contains(&private));
         std::fs::remove_file(open).unwrap();
         std::fs::remove_file(closed).unwrap();
+    }
+
+    #[test]
+    fn peers_dir_like_a_secret_volume() {
+        let dir = temp_path("peers");
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("..2026_11_22");
+        std::fs::create_dir_all(&data).unwrap();
+        let a = public_key_of(&generate_private_key()).unwrap();
+        let b = public_key_of(&generate_private_key()).unwrap();
+        std::fs::write(data.join("vpn-shoot-1"), format!("{b}\n")).unwrap();
+        std::fs::write(data.join("vpn-shoot-0"), &a).unwrap();
+        std::os::unix::fs::symlink("..2026_11_22", dir.join("..data")).unwrap();
+        for n in ["vpn-shoot-0", "vpn-shoot-1"] {
+            std::os::unix::fs::symlink(format!("..data/{n}"), dir.join(n)).unwrap();
+        }
+        let keys = load_public_keys_dir(&dir).unwrap();
+        let got: Vec<_> = keys
+            .iter()
+            .map(|(n, k)| (n.as_str(), encode_public_key(k)))
+            .collect();
+        assert_eq!(got, vec![("vpn-shoot-0", a), ("vpn-shoot-1", b)]);
+
+        std::fs::write(data.join("bad"), "not a key").unwrap();
+        std::os::unix::fs::symlink("..data/bad", dir.join("bad")).unwrap();
+        let err = load_public_keys_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("bad"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(load_public_keys_dir(&dir).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! [`Session`] wraps boringtun's [`Tunn`] and adds what a stream transport needs: every wire
 //! message it produces is appended to the caller's buffer already framed; keepalives are sent
-//! while a stream is up and idle; a peer that stays silent for `dead_after` keepalive intervals
+//! while a stream is up and idle; a peer that stays silent for `dead_timeout`
 //! is reported as [`SessionError::DeadPeer`]; the client rekeys on time (every 120 s) even when
 //! only keepalives flow; and a client keeps its keys across stream reconnects.
 //!
@@ -38,17 +38,18 @@ const MSG_DATA: u8 = 4;
 /// Timing of keepalive and dead-peer detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionConfig {
-    /// Send a keepalive when nothing was sent for this long while a stream is up (default 10 s).
+    /// Send a keepalive when nothing was sent for this long while a stream is up (default 5 s).
     pub keepalive: Duration,
-    /// The peer is dead after this many keepalive intervals without a message (default 3).
-    pub dead_after: u32,
+    /// The peer is dead when no message arrived for this long while a stream is up
+    /// (default 15 s); at least one keepalive interval.
+    pub dead_timeout: Duration,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
-            keepalive: Duration::from_secs(10),
-            dead_after: 3,
+            keepalive: Duration::from_secs(5),
+            dead_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -56,7 +57,7 @@ impl Default for SessionConfig {
 impl SessionConfig {
     /// How long the peer may stay silent before it is considered dead.
     pub fn dead_timeout(&self) -> Duration {
-        self.keepalive.saturating_mul(self.dead_after)
+        self.dead_timeout
     }
 }
 
@@ -97,7 +98,7 @@ pub struct SessionStats {
 /// Error of a session operation.
 #[derive(thiserror::Error, Debug)]
 pub enum SessionError {
-    /// No message from the peer for `dead_after` keepalive intervals while a stream was up.
+    /// No message from the peer for `dead_timeout` while a stream was up.
     #[error("dead peer: no message within the dead-peer timeout")]
     DeadPeer,
     /// The session keys expired and no handshake replaced them.
@@ -268,9 +269,10 @@ impl Session {
         rate_limiter: Option<Arc<RateLimiter>>,
         now: Instant,
     ) -> Self {
+        let keepalive = cfg.keepalive.max(Duration::from_millis(10));
         let cfg = SessionConfig {
-            keepalive: cfg.keepalive.max(Duration::from_millis(10)),
-            dead_after: cfg.dead_after.max(1),
+            keepalive,
+            dead_timeout: cfg.dead_timeout.max(keepalive),
         };
         Self {
             tunn: Tunn::new(local, peer, psk, None, index, rate_limiter.clone()),
@@ -397,7 +399,7 @@ impl Session {
     ///
     /// Runs boringtun's timers (handshake retry, rekey, passive keepalive), rekeys on time as
     /// initiator, sends a keepalive when the stream is idle, and returns
-    /// [`SessionError::DeadPeer`] when nothing arrived for `dead_after` × `keepalive` while a
+    /// [`SessionError::DeadPeer`] when nothing arrived for `dead_timeout` while a
     /// stream is up. Output is appended to `to_net`; drop it when no stream is up.
     pub fn tick(&mut self, now: Instant, to_net: &mut BytesMut) -> Result<(), SessionError> {
         if let Some(limiter) = &self.rate_limiter {
@@ -715,7 +717,7 @@ mod tests {
         let now = Instant::now();
         let cfg = SessionConfig {
             keepalive: Duration::from_millis(100),
-            dead_after: 3,
+            dead_timeout: Duration::from_millis(300),
         };
         let a = StaticSecret::random_from_rng(OsRng);
         let b = PublicKey::from(&StaticSecret::random_from_rng(OsRng));

@@ -126,7 +126,7 @@ fn hostname_targets_resolve_through_the_shoot_dns() {
     );
     let log = lab.proc("seed-server").unwrap().log();
     assert!(
-        log.contains("CONNECT refused") && log.contains("nothere.default.svc:8080"),
+        log.contains("request refused") && log.contains("nothere.default.svc:8080"),
         "refusals are logged:\n{log}"
     );
 }

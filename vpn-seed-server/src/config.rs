@@ -45,9 +45,15 @@ pub struct Args {
     #[arg(long, env = "PRESHARED_KEY_FILE")]
     pub preshared_key_file: Option<PathBuf>,
 
-    /// Allowed client public key (base64). Repeatable; comma-separated in the environment.
-    #[arg(long = "peer", env = "PEERS", value_delimiter = ',', required = true)]
+    /// Allowed client public key (base64), one per shoot client replica. Repeatable;
+    /// comma-separated in the environment.
+    #[arg(long = "peer", env = "PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+
+    /// Directory of allowed client public keys, one base64 key per file (e.g. a mounted
+    /// Secret with one entry per shoot client replica); read at start, added to `--peer`.
+    #[arg(long, env = "PEERS_DIR")]
+    pub peers_dir: Option<PathBuf>,
 
     /// Shoot pod networks (comma-separated CIDRs).
     #[arg(long, env = "SHOOT_POD_NETWORKS", default_value = "")]
@@ -118,9 +124,19 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
     pub max_connections: usize,
 
-    /// WireGuard keepalive interval; a tunnel silent for 3 intervals is closed.
-    #[arg(long, env = "KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Keepalive interval: a keepalive is sent into a tunnel that carried nothing for this long.
+    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive: Duration,
+
+    /// A tunnel stream that received nothing for this long is closed (detects streams that
+    /// silently stopped, e.g. black-holed, without waiting for TCP to time out).
+    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub dead_peer_timeout: Duration,
+
+    /// On SIGTERM: time open proxied connections get to finish after the proxy listeners
+    /// closed (keep it below the pod's termination grace period).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -155,6 +171,8 @@ pub struct Config {
     pub dns_timeout: Duration,
     pub max_connections: usize,
     pub keepalive: Duration,
+    pub dead_peer_timeout: Duration,
+    pub shutdown_timeout: Duration,
 }
 
 /// Host address number `n` of `net` (n = 1 is the first host address).
@@ -238,18 +256,34 @@ impl Args {
             }
         }
 
+        let mut peers = Vec::new();
         for p in &self.peers {
-            if let Err(e) = common::keys::parse_public_key(p) {
-                errs.push(format!("--peer {p:?}: {e}"));
+            match common::keys::parse_public_key(p) {
+                Ok(k) => peers.push(common::keys::encode_public_key(&k)),
+                Err(e) => errs.push(format!("--peer {p:?}: {e}")),
             }
+        }
+        if let Some(dir) = &self.peers_dir {
+            match common::keys::load_public_keys_dir(dir) {
+                Ok(keys) if keys.is_empty() => {
+                    errs.push(format!("--peers-dir {}: holds no key file", dir.display()))
+                }
+                Ok(keys) => {
+                    peers.extend(keys.iter().map(|(_, k)| common::keys::encode_public_key(k)))
+                }
+                Err(e) => errs.push(format!("--peers-dir {}: {e}", dir.display())),
+            }
+        }
+        peers.sort();
+        peers.dedup();
+        if self.peers.is_empty() && self.peers_dir.is_none() {
+            errs.push("give the clients' public keys with --peer or --peers-dir".into());
         }
         common::config::tun(&self.tun_name, self.mtu, &mut errs);
         if self.max_connections == 0 {
             errs.push("--max-connections must be at least 1".into());
         }
-        if self.keepalive < Duration::from_secs(1) {
-            errs.push("--keepalive must be at least 1s".into());
-        }
+        common::config::liveness(self.keepalive, self.dead_peer_timeout, &mut errs);
         if self.dial_timeout.is_zero() {
             errs.push("--dial-timeout must be positive".into());
         }
@@ -283,7 +317,7 @@ impl Args {
             tls,
             private_key_file: self.private_key_file,
             preshared_key_file: self.preshared_key_file,
-            peers: self.peers,
+            peers,
             shoot_networks,
             vpn_networks,
             tun_addrs,
@@ -299,6 +333,8 @@ impl Args {
             dns_timeout: self.dns_timeout,
             max_connections: self.max_connections,
             keepalive: self.keepalive,
+            dead_peer_timeout: self.dead_peer_timeout,
+            shutdown_timeout: self.shutdown_timeout,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The seed server's tasks and the one place that waits on several of them at once.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use common::frame::MAX_FRAME_LEN;
 use common::hub::{Hub, PeerConfig};
 use common::io::health::Health;
 use common::io::netlink::Netlink;
+use common::io::process::Stopped;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
@@ -19,7 +20,7 @@ use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
 use common::packet::PacketView;
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::config::Config;
 use crate::proxy::ProxyContext;
@@ -88,6 +89,9 @@ impl Listeners {
 
 impl Health for Server {
     fn ready(&self) -> (bool, String) {
+        if self.draining.load(Ordering::Relaxed) {
+            return (false, "shutting down".into());
+        }
         let n = self.live_count();
         if n > 0 {
             (true, format!("{n} tunnel(s) up"))
@@ -201,7 +205,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
     let hub = Hub::new(private, peers)?;
     let scfg = SessionConfig {
         keepalive: cfg.keepalive,
-        dead_after: 3,
+        dead_timeout: cfg.dead_peer_timeout,
     };
     let now = Instant::now();
     let slots = (0..hub.len())
@@ -225,6 +229,8 @@ fn build_server(cfg: &Config) -> Result<Server> {
         },
         live: RwLock::new(Vec::new()),
         stats: Stats::default(),
+        draining: AtomicBool::new(false),
+        proxy_idle: Notify::new(),
     })
 }
 
@@ -233,7 +239,7 @@ pub async fn run(
     cfg: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+) -> Result<Stopped> {
     match common::io::sock::raise_nofile_limit() {
         Ok((old, new)) => tracing::info!(old, new, "raised open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise open file limit"),
@@ -299,6 +305,7 @@ pub async fn run(
         resolver: crate::proxy::Resolver::from_config(&cfg),
     });
 
+    // The data plane (and health endpoint) runs until the end; the proxy listeners stop first.
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(accept_tunnels(
         server.clone(),
@@ -307,22 +314,26 @@ pub async fn run(
     ));
     tasks.spawn(pump_tun(server.clone(), tun.reader()));
     tasks.spawn(timers(server.clone(), tls.clone()));
-    if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
-        tasks.spawn(accept_proxy_tls(proxy.clone(), l, tls));
-    }
-    if let Some(l) = listeners.proxy_uds {
-        tasks.spawn(accept_proxy_uds(proxy.clone(), l));
-    }
     if let Some(l) = listeners.metrics {
         tasks.spawn(common::io::process::health_task(l, server.clone()));
     }
+    let mut accepts = tokio::task::JoinSet::new();
+    if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
+        accepts.spawn(accept_proxy_tls(proxy.clone(), l, tls));
+    }
+    if let Some(l) = listeners.proxy_uds {
+        accepts.spawn(accept_proxy_uds(proxy.clone(), l));
+    }
 
     let result = tokio::select! {
-        _ = shutdown => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        _ = shutdown => Ok(()),
         Some(res) = tasks.join_next() => Err(common::io::process::task_ended(res)),
+        Some(res) = accepts.join_next() => Err(common::io::process::task_ended(res)),
+    };
+    accepts.abort_all();
+    let result = match result {
+        Ok(()) => drain(&server, cfg.shutdown_timeout, &mut tasks).await,
+        Err(e) => Err(e),
     };
     tasks.abort_all();
     if let Err(e) = netlink
@@ -341,6 +352,37 @@ pub async fn run(
         let _ = std::fs::remove_file(p);
     }
     result
+}
+
+/// After SIGTERM: not ready, no new proxied connections (the listeners are closed already);
+/// waits for the open ones to finish, at most `timeout`, while the data plane keeps running.
+async fn drain(
+    server: &Server,
+    timeout: Duration,
+    tasks: &mut tokio::task::JoinSet<Result<()>>,
+) -> Result<Stopped> {
+    server.draining.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + timeout;
+    tracing::info!(
+        open = server.open_connections(),
+        timeout = ?timeout,
+        "shutting down: proxy listeners closed, draining open connections"
+    );
+    loop {
+        let idle = server.proxy_idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        let open = server.open_connections();
+        if open == 0 {
+            tracing::info!("drained");
+            return Ok(Stopped::Clean);
+        }
+        tokio::select! {
+            _ = idle => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(Stopped::DrainTimeout(open)),
+            Some(res) = tasks.join_next() => return Err(common::io::process::task_ended(res)),
+        }
+    }
 }
 
 async fn accept_tunnels(server: Arc<Server>, tun: Tun, l: TcpListener) -> Result<()> {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use common::connect::{format_response, parse_request, parse_target, Target, MAX_HEAD_LEN};
 use common::dns::{Answer, QType, Rcode};
+use common::forward::{close_response_head, forward_request, ForwardError};
 use common::io::sock::{connect_bound, dns_lookup, ConnectError, LookupError, TcpTuning};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,6 +22,8 @@ use crate::state::{answer_slot, inc, lock, Server};
 
 /// Time a client has to send its CONNECT head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a forwarded request's upstream has to start its answer.
+const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Names whose address is cached.
 const DNS_CACHE_NAMES: usize = 1024;
 /// Longest time an address stays cached (shorter when the record's TTL is).
@@ -254,31 +257,42 @@ impl ProxyContext {
         ))
     }
 
-    /// Serves one client connection of kube-apiserver (or Prometheus).
+    /// Serves one client connection of kube-apiserver (CONNECT) or Prometheus (a plain-HTTP
+    /// request in absolute form, forwarded once with `Connection: close`).
     pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String) {
         let started = Instant::now();
         match self.open(&mut client).await {
             Err((target, Refusal(code, reason, body))) => {
                 inc(&self.server.stats.proxy_answers[answer_slot(code)]);
-                tracing::warn!(client = %peer, %target, code, reason = %body, "CONNECT refused");
+                tracing::warn!(client = %peer, %target, code, reason = %body, "request refused");
                 let _ = client
                     .write_all(&format_response(code, reason, &body))
                     .await;
                 let _ = client.shutdown().await;
             }
-            Ok((target, mut upstream, _permit)) => {
+            Ok(Opened {
+                target,
+                mut upstream,
+                forward,
+                _permit,
+            }) => {
                 inc(&self.server.stats.proxy_answers[0]);
-                tracing::debug!(client = %peer, %target, elapsed = ?started.elapsed(), "CONNECT established");
-                if client
-                    .write_all(&format_response(200, "Connection established", ""))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                self.server.stats.proxy_open.fetch_add(1, Ordering::Relaxed);
-                let res = client.relay(&mut upstream).await;
-                self.server.stats.proxy_open.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(client = %peer, %target, elapsed = ?started.elapsed(), forward = forward.is_some(), "proxied connection established");
+                let open = self.server.open_guard();
+                let res = match forward {
+                    None => {
+                        if client
+                            .write_all(&format_response(200, "Connection established", ""))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        client.relay(&mut upstream).await.map(|_| ())
+                    }
+                    Some(body_left) => forward_once(&mut client, &mut upstream, body_left).await,
+                };
+                drop(open);
                 tracing::debug!(client = %peer, %target, result = ?res, "proxied connection closed");
             }
         }
@@ -286,31 +300,43 @@ impl ProxyContext {
 
     /// Reads and authorizes the request and dials the target; the permit bounds open
     /// connections for as long as it is held.
-    async fn open<S>(
-        &self,
-        client: &mut S,
-    ) -> Result<(String, TcpStream, OwnedSemaphorePermit), (String, Refusal)>
+    async fn open<S>(&self, client: &mut S) -> Result<Opened, (String, Refusal)>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (head, rest) = read_head(client).await.map_err(|r| ("-".to_string(), r))?;
+        let (head, mut rest) = read_head(client).await.map_err(|r| ("-".to_string(), r))?;
         let target = head.target.clone();
         let fail = |r: Refusal| (target.clone(), r);
-        if !head.method.eq_ignore_ascii_case("CONNECT") {
-            return Err(fail(refuse(
-                405,
-                format!("method {} not allowed; use CONNECT", head.method),
-            )));
-        }
-        let parsed = match parse_target(&head.target) {
-            Ok(t) => t,
-            Err(e) => return Err(fail(refuse(400, format!("bad target: {e}")))),
+        let (parsed, first, forward) = if head.method.eq_ignore_ascii_case("CONNECT") {
+            let parsed = parse_target(&head.target)
+                .map_err(|e| fail(refuse(400, format!("bad target: {e}"))))?;
+            (parsed, rest, None)
+        } else {
+            let f = match forward_request(&head) {
+                Ok(f) => f,
+                Err(e @ ForwardError::NotAbsolute(_)) => {
+                    return Err(fail(refuse(
+                        405,
+                        format!("method {} not allowed: {e}", head.method),
+                    )))
+                }
+                Err(e) => return Err(fail(refuse(400, e.to_string()))),
+            };
+            // One request per connection: bytes past its body are not forwarded.
+            rest.truncate(usize::try_from(f.body_len).unwrap_or(usize::MAX));
+            let left = f.body_len - rest.len() as u64;
+            let mut first = f.head;
+            first.extend_from_slice(&rest);
+            (f.target, first, Some(left))
         };
         match &parsed {
             Target::Addr(a) => self.authorize(a.ip(), None).map_err(&fail)?,
             Target::Host { host, .. } => {
                 resolver(&self.resolver, host).map_err(&fail)?;
             }
+        }
+        if self.server.draining.load(Ordering::Relaxed) {
+            return Err(fail(refuse(503, "shutting down")));
         }
         if self.server.live_count() == 0 {
             return Err(fail(refuse(503, "no tunnel to the shoot is up")));
@@ -334,27 +360,79 @@ impl ProxyContext {
                 SocketAddr::new(ip, port)
             }
         };
-        let upstream = connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning)
-            .await
-            .map_err(|e| match e {
-                ConnectError::Timeout => fail(refuse(
-                    504,
-                    format!("no answer from {addr} within {:?}", self.dial_timeout),
-                )),
-                ConnectError::Refused => {
-                    fail(refuse(502, format!("{addr} refused the connection")))
-                }
-                other => fail(refuse(502, format!("{addr} unreachable: {other}"))),
-            })?;
-        let mut upstream = upstream;
-        if !rest.is_empty() {
+        let mut upstream =
+            connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning)
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Timeout => fail(refuse(
+                        504,
+                        format!("no answer from {addr} within {:?}", self.dial_timeout),
+                    )),
+                    ConnectError::Refused => {
+                        fail(refuse(502, format!("{addr} refused the connection")))
+                    }
+                    other => fail(refuse(502, format!("{addr} unreachable: {other}"))),
+                })?;
+        if !first.is_empty() {
             upstream
-                .write_all(&rest)
+                .write_all(&first)
                 .await
                 .map_err(|e| fail(refuse(502, format!("write to {addr}: {e}"))))?;
         }
-        Ok((target, upstream, permit))
+        Ok(Opened {
+            target,
+            upstream,
+            forward,
+            _permit: permit,
+        })
     }
+}
+
+/// A dialled target.
+struct Opened {
+    target: String,
+    upstream: TcpStream,
+    /// For a forwarded request: body bytes still to copy from the client.
+    forward: Option<u64>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Finishes a forwarded request: the rest of its body to the upstream, then the upstream's
+/// answer (head rewritten to `Connection: close`) back until the upstream closes.
+async fn forward_once<S: ClientStream>(
+    client: &mut S,
+    upstream: &mut TcpStream,
+    body_left: u64,
+) -> std::io::Result<()> {
+    if body_left > 0 {
+        let copied = tokio::io::copy(&mut (&mut *client).take(body_left), upstream).await?;
+        if copied < body_left {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let (head, used) = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, async {
+        loop {
+            if let Some(done) = close_response_head(&buf)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+            {
+                return Ok::<_, std::io::Error>(done);
+            }
+            let room = MAX_HEAD_LEN.saturating_sub(buf.len()).clamp(1, chunk.len());
+            let n = upstream.read(&mut chunk[..room]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    client.write_all(&head).await?;
+    client.write_all(buf.get(used..).unwrap_or(&[])).await?;
+    tokio::io::copy(upstream, client).await?;
+    client.shutdown().await
 }
 
 #[cfg(test)]

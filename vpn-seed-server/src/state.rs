@@ -2,7 +2,7 @@
 //! and counters. Locks are std mutexes held only for synchronous work (never across `.await`).
 //! Lock order: a peer's slot, then the flow table.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use common::cidr::CidrSet;
@@ -10,6 +10,7 @@ use common::flow::{FlowTable, TunnelId};
 use common::hub::Hub;
 use common::io::framed::FrameSink;
 use common::session::Session;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 /// The stream currently carrying a peer's tunnel.
@@ -86,6 +87,10 @@ pub struct Server {
     /// Peers whose stream is up and whose session is established, ascending.
     pub live: RwLock<Vec<TunnelId>>,
     pub stats: Stats,
+    /// Set on SIGTERM: not ready any more, no new proxied connections.
+    pub draining: AtomicBool,
+    /// Woken when the last open proxied connection closes.
+    pub proxy_idle: Notify,
 }
 
 /// Locks a mutex, recovering the data of a poisoned one (a panicking task must not take the
@@ -95,6 +100,17 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Server {
+    /// Counts a proxied connection as open until the guard drops.
+    pub fn open_guard(&self) -> OpenGuard<'_> {
+        self.stats.proxy_open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self)
+    }
+
+    /// Open proxied connections.
+    pub fn open_connections(&self) -> u64 {
+        self.stats.proxy_open.load(Ordering::Relaxed)
+    }
+
     pub fn peer(&self, id: TunnelId) -> Option<MutexGuard<'_, PeerSlot>> {
         usize::try_from(id)
             .ok()
@@ -146,5 +162,16 @@ impl Server {
             self.refresh_live();
         }
         detached
+    }
+}
+
+/// See [`Server::open_guard`].
+pub struct OpenGuard<'a>(&'a Server);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.stats.proxy_open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.proxy_idle.notify_waiters();
+        }
     }
 }

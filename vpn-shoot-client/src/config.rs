@@ -110,13 +110,22 @@ pub struct Args {
     #[arg(long, env = "METRICS_LISTEN", default_value = "[::]:15001")]
     pub metrics_listen: String,
 
-    /// WireGuard keepalive interval; a tunnel silent for 3 intervals is reconnected.
-    #[arg(long, env = "KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Keepalive interval: a keepalive is sent into a tunnel that carried nothing for this long.
+    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive: Duration,
+
+    /// A tunnel stream that received nothing for this long is reconnected (detects streams that
+    /// silently stopped, e.g. black-holed, without waiting for TCP to time out).
+    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub dead_peer_timeout: Duration,
 
     /// Time allowed to reach the ingress and get its answer.
     #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
+
+    /// Readiness: `all` = every configured seed server's tunnel is up; `any` = at least one.
+    #[arg(long, env = "READY_WHEN", default_value = "all", value_parser = ["all", "any"])]
+    pub ready_when: String,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -142,7 +151,10 @@ pub struct Config {
     pub masquerade: bool,
     pub metrics_listen: Option<SocketAddr>,
     pub keepalive: Duration,
+    pub dead_peer_timeout: Duration,
     pub dial_timeout: Duration,
+    /// Ready when every configured server's tunnel is up (`all`) or at least one (`any`).
+    pub ready_when_all: bool,
 }
 
 /// Splits `host:port` (IPv6 in brackets); `default_port` when the port is missing.
@@ -249,9 +261,7 @@ impl Args {
         common::config::tun(&self.tun_name, self.mtu, &mut errs);
         let metrics_listen =
             common::config::listen_addr("metrics-listen", &self.metrics_listen, &mut errs);
-        if self.keepalive < Duration::from_secs(1) {
-            errs.push("--keepalive must be at least 1s".into());
-        }
+        common::config::liveness(self.keepalive, self.dead_peer_timeout, &mut errs);
         if self.dial_timeout.is_zero() {
             errs.push("--dial-timeout must be positive".into());
         }
@@ -275,6 +285,8 @@ impl Args {
             masquerade: self.masquerade,
             metrics_listen,
             keepalive: self.keepalive,
+            dead_peer_timeout: self.dead_peer_timeout,
+            ready_when_all: self.ready_when == "all",
             dial_timeout: self.dial_timeout,
         })
     }

@@ -65,6 +65,8 @@ struct Stats {
 
 struct Client {
     tunnels: Vec<Mutex<TunnelSlot>>,
+    /// Readiness needs every tunnel up (else at least one).
+    ready_when_all: bool,
     flows: Mutex<FlowTable>,
     stats: Stats,
 }
@@ -110,7 +112,12 @@ impl Health for Client {
     fn ready(&self) -> (bool, String) {
         let up = self.up();
         let n = up.iter().filter(|u| **u).count();
-        (n == up.len(), format!("{n} of {} tunnels up", up.len()))
+        let ready = if self.ready_when_all {
+            n == up.len()
+        } else {
+            n > 0
+        };
+        (ready, format!("{n} of {} tunnels up", up.len()))
     }
 
     fn metrics(&self) -> String {
@@ -206,7 +213,7 @@ pub async fn run(
     cfg: Config,
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+) -> Result<common::io::process::Stopped> {
     let private = common::keys::load_private_key(&cfg.private_key_file)
         .with_context(|| format!("private key {}", cfg.private_key_file.display()))?;
     let server_public = common::keys::parse_public_key(&cfg.server_public_key)?;
@@ -218,7 +225,7 @@ pub async fn run(
     };
     let scfg = SessionConfig {
         keepalive: cfg.keepalive,
-        dead_after: 3,
+        dead_timeout: cfg.dead_peer_timeout,
     };
     let now = Instant::now();
     let mut dialers = Vec::new();
@@ -235,6 +242,7 @@ pub async fn run(
     }
     let client = Arc::new(Client {
         tunnels,
+        ready_when_all: cfg.ready_when_all,
         flows: Mutex::new(FlowTable::new(FlowConfig::default())),
         stats: Stats::default(),
     });
@@ -258,7 +266,7 @@ pub async fn run(
     let result = tokio::select! {
         _ = shutdown => {
             tracing::info!("shutting down");
-            Ok(())
+            Ok(common::io::process::Stopped::Clean)
         }
         Some(res) = tasks.join_next() => Err(common::io::process::task_ended(res)),
     };
