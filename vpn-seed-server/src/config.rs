@@ -152,7 +152,9 @@ pub struct Config {
     pub tls: Option<common::io::tls::ServerTlsFiles>,
     pub private_key_file: PathBuf,
     pub preshared_key_file: Option<PathBuf>,
-    pub peers: Vec<String>,
+    /// Allowed client keys (base64) with a name for logs and metrics: the file name in
+    /// `--peers-dir`, else the key's first 8 characters.
+    pub peers: Vec<(String, String)>,
     pub shoot_networks: CidrSet,
     pub vpn_networks: Vec<IpNet>,
     /// The TUN addresses of this replica (host index+1 of each VPN network, with its prefix).
@@ -259,7 +261,10 @@ impl Args {
         let mut peers = Vec::new();
         for p in &self.peers {
             match common::keys::parse_public_key(p) {
-                Ok(k) => peers.push(common::keys::encode_public_key(&k)),
+                Ok(k) => {
+                    let key = common::keys::encode_public_key(&k);
+                    peers.push((key.chars().take(8).collect(), key));
+                }
                 Err(e) => errs.push(format!("--peer {p:?}: {e}")),
             }
         }
@@ -268,14 +273,15 @@ impl Args {
                 Ok(keys) if keys.is_empty() => {
                     errs.push(format!("--peers-dir {}: holds no key file", dir.display()))
                 }
-                Ok(keys) => {
-                    peers.extend(keys.iter().map(|(_, k)| common::keys::encode_public_key(k)))
-                }
+                Ok(keys) => peers.extend(
+                    keys.iter()
+                        .map(|(n, k)| (n.clone(), common::keys::encode_public_key(k))),
+                ),
                 Err(e) => errs.push(format!("--peers-dir {}: {e}", dir.display())),
             }
         }
-        peers.sort();
-        peers.dedup();
+        let mut seen = std::collections::HashSet::new();
+        peers.retain(|(_, k)| seen.insert(k.clone()));
         if self.peers.is_empty() && self.peers_dir.is_none() {
             errs.push("give the clients' public keys with --peer or --peers-dir".into());
         }

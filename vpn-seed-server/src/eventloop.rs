@@ -17,6 +17,7 @@ use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
+use common::metrics::{Exposition, Kind};
 use common::packet::PacketView;
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
@@ -102,83 +103,223 @@ impl Health for Server {
 
     fn metrics(&self) -> String {
         let s: &Stats = &self.stats;
-        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (labels, v) in lines {
-                out.push_str(&format!("{name}{labels} {v}\n"));
-            }
-        };
-        metric(
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let now = Instant::now();
+        // One pass over the peers; the locks are not held while formatting.
+        let peers: Vec<(
+            String,
+            bool,
+            common::session::SessionStats,
+            Option<Duration>,
+            f64,
+        )> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let p = lock(p);
+                (
+                    p.name.clone(),
+                    p.stream.is_some() && p.session.is_established(),
+                    p.session.stats(),
+                    p.session.last_handshake_age(),
+                    p.session.last_received_age(now).as_secs_f64(),
+                )
+            })
+            .collect();
+        let mut e = Exposition::new();
+        e.single(
             "vpn_seed_tunnels_up",
-            "gauge",
+            Kind::Gauge,
             "Tunnels with a stream and an established session.",
-            vec![(String::new(), self.live_count() as u64)],
+            self.live_count() as f64,
         );
-        metric(
+        e.family(
+            "vpn_seed_tunnel_up",
+            Kind::Gauge,
+            "Whether the client's tunnel has a stream and an established session.",
+        );
+        for (name, up, ..) in &peers {
+            e.sample(
+                "vpn_seed_tunnel_up",
+                &[("peer", name)],
+                f64::from(u8::from(*up)),
+            );
+        }
+        e.family(
+            "vpn_seed_handshakes_total",
+            Kind::Counter,
+            "WireGuard handshakes completed with the client.",
+        );
+        for (name, _, st, ..) in &peers {
+            e.sample(
+                "vpn_seed_handshakes_total",
+                &[("peer", name)],
+                st.handshakes_completed as f64,
+            );
+        }
+        e.family(
+            "vpn_seed_last_handshake_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last completed handshake (absent before the first).",
+        );
+        for (name, _, _, age, _) in &peers {
+            if let Some(age) = age {
+                e.sample(
+                    "vpn_seed_last_handshake_age_seconds",
+                    &[("peer", name)],
+                    age.as_secs_f64(),
+                );
+            }
+        }
+        e.family(
+            "vpn_seed_last_received_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last message from the client (dead after --dead-peer-timeout).",
+        );
+        for (name, _, _, _, rx_age) in &peers {
+            e.sample(
+                "vpn_seed_last_received_age_seconds",
+                &[("peer", name)],
+                *rx_age,
+            );
+        }
+        e.family(
+            "vpn_seed_peer_bytes_total",
+            Kind::Counter,
+            "Inner IP bytes through the client's tunnel.",
+        );
+        for (name, _, st, ..) in &peers {
+            e.sample(
+                "vpn_seed_peer_bytes_total",
+                &[("peer", name), ("direction", "rx")],
+                st.rx_bytes as f64,
+            );
+            e.sample(
+                "vpn_seed_peer_bytes_total",
+                &[("peer", name), ("direction", "tx")],
+                st.tx_bytes as f64,
+            );
+        }
+        e.family(
+            "vpn_seed_peer_packets_total",
+            Kind::Counter,
+            "Inner IP packets through the client's tunnel.",
+        );
+        for (name, _, st, ..) in &peers {
+            e.sample(
+                "vpn_seed_peer_packets_total",
+                &[("peer", name), ("direction", "rx")],
+                st.rx_packets as f64,
+            );
+            e.sample(
+                "vpn_seed_peer_packets_total",
+                &[("peer", name), ("direction", "tx")],
+                st.tx_packets as f64,
+            );
+        }
+        e.family(
+            "vpn_seed_frames_rejected_total",
+            Kind::Counter,
+            "Tunnel messages from the client that failed authentication or decryption.",
+        );
+        for (name, _, st, ..) in &peers {
+            e.sample(
+                "vpn_seed_frames_rejected_total",
+                &[("peer", name)],
+                st.rejected_messages as f64,
+            );
+        }
+        e.single(
             "vpn_seed_streams_accepted_total",
-            "counter",
-            "Tunnel streams bound to a peer.",
-            vec![(String::new(), g(&s.streams_accepted))],
+            Kind::Counter,
+            "Tunnel streams bound to a client.",
+            g(&s.streams_accepted),
         );
-        metric(
+        e.single(
             "vpn_seed_streams_rejected_total",
-            "counter",
-            "Tunnel streams refused (bad preamble, unknown key, bad frame).",
-            vec![(String::new(), g(&s.streams_rejected))],
+            Kind::Counter,
+            "Tunnel streams refused or failed (bad preamble, unknown key, bad frame).",
+            g(&s.streams_rejected),
         );
-        metric(
-            "vpn_seed_tunnel_bytes_total",
-            "counter",
-            "Bytes on tunnel streams.",
-            vec![
-                ("{direction=\"rx\"}".into(), g(&s.tunnel_rx_bytes)),
-                ("{direction=\"tx\"}".into(), g(&s.tunnel_tx_bytes)),
-            ],
+        e.family(
+            "vpn_seed_stream_bytes_total",
+            Kind::Counter,
+            "Bytes on tunnel streams (framed, encrypted).",
+        )
+        .sample(
+            "vpn_seed_stream_bytes_total",
+            &[("direction", "rx")],
+            g(&s.tunnel_rx_bytes),
+        )
+        .sample(
+            "vpn_seed_stream_bytes_total",
+            &[("direction", "tx")],
+            g(&s.tunnel_tx_bytes),
         );
-        metric(
+        e.family(
             "vpn_seed_tun_packets_total",
-            "counter",
+            Kind::Counter,
             "Packets through the TUN device.",
-            vec![
-                ("{direction=\"rx\"}".into(), g(&s.tun_rx_packets)),
-                ("{direction=\"tx\"}".into(), g(&s.tun_tx_packets)),
-            ],
+        )
+        .sample(
+            "vpn_seed_tun_packets_total",
+            &[("direction", "rx")],
+            g(&s.tun_rx_packets),
+        )
+        .sample(
+            "vpn_seed_tun_packets_total",
+            &[("direction", "tx")],
+            g(&s.tun_tx_packets),
         );
-        metric(
+        e.family(
             "vpn_seed_packets_dropped_total",
-            "counter",
+            Kind::Counter,
             "Packets dropped, by reason.",
-            vec![
-                ("{reason=\"queue_full\"}".into(), g(&s.drops_queue_full)),
-                ("{reason=\"flow\"}".into(), g(&s.drops_flow)),
-                ("{reason=\"malformed\"}".into(), g(&s.drops_malformed)),
-            ],
         );
-        metric(
+        for (reason, n) in s.drops.values() {
+            e.sample(
+                "vpn_seed_packets_dropped_total",
+                &[("reason", reason)],
+                n as f64,
+            );
+        }
+        e.family(
             "vpn_seed_proxy_requests_total",
-            "counter",
-            "CONNECT requests by answer code.",
-            ANSWER_CODES
-                .iter()
-                .zip(s.proxy_answers.iter())
-                .map(|(c, v)| (format!("{{code=\"{c}\"}}"), g(v)))
-                .collect(),
+            Kind::Counter,
+            "Proxy requests (CONNECT and forwarded HTTP) by answer code.",
         );
-        metric(
+        for (code, v) in ANSWER_CODES.iter().zip(s.proxy_answers.iter()) {
+            e.sample(
+                "vpn_seed_proxy_requests_total",
+                &[("code", &code.to_string())],
+                g(v),
+            );
+        }
+        e.single(
             "vpn_seed_proxy_open_connections",
-            "gauge",
+            Kind::Gauge,
             "Open proxied connections.",
-            vec![(String::new(), g(&s.proxy_open))],
+            g(&s.proxy_open),
         );
-        metric(
+        e.family(
+            "vpn_seed_proxy_dial_seconds",
+            Kind::Histogram,
+            "Time to connect to a target through the tunnel.",
+        )
+        .histogram("vpn_seed_proxy_dial_seconds", &[], &s.dial);
+        e.single(
             "vpn_seed_flows",
-            "gauge",
+            Kind::Gauge,
             "Entries in the flow table.",
-            vec![(String::new(), lock(&self.flows).len() as u64)],
+            lock(&self.flows).len() as f64,
         );
-        out
+        e.single(
+            "vpn_seed_draining",
+            Kind::Gauge,
+            "1 after SIGTERM while open connections drain.",
+            f64::from(u8::from(self.draining.load(Ordering::Relaxed))),
+        );
+        e.finish()
     }
 }
 
@@ -195,9 +336,9 @@ fn build_server(cfg: &Config) -> Result<Server> {
     let peers = cfg
         .peers
         .iter()
-        .map(|p| {
+        .map(|(_, key)| {
             Ok(PeerConfig {
-                public: common::keys::parse_public_key(p)?,
+                public: common::keys::parse_public_key(key)?,
                 psk,
             })
         })
@@ -211,6 +352,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
     let slots = (0..hub.len())
         .map(|i| {
             Ok(Mutex::new(PeerSlot {
+                name: cfg.peers.get(i).map(|p| p.0.clone()).unwrap_or_default(),
                 session: hub.new_session(i, scfg, now)?,
                 stream: None,
                 generation: 0,
@@ -472,14 +614,14 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
             let view = match PacketView::parse(pkt) {
                 Ok(v) => v,
                 Err(_) => {
-                    inc(&server.stats.drops_malformed);
+                    server.stats.drops.inc("malformed");
                     continue;
                 }
             };
             if !server.shoot_networks.contains(view.dst()) {
                 // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
                 // someone else: nothing outside the shoot networks enters the tunnel.
-                inc(&server.stats.drops_flow);
+                server.stats.drops.inc("not_shoot_network");
                 continue;
             }
             let pinned = {
@@ -489,7 +631,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
             let id: TunnelId = match pinned {
                 Ok(id) => id,
                 Err(reason) => {
-                    inc(&server.stats.drops_flow);
+                    server.stats.drops.inc(reason.reason());
                     tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
                     continue;
                 }
@@ -515,7 +657,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
                 .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
             {
                 Some(sink) => send_frames(&server, &sink, frames),
-                None => inc(&server.stats.drops_queue_full),
+                None => server.stats.drops.inc("queue_full"),
             }
         }
     }

@@ -360,19 +360,20 @@ impl ProxyContext {
                 SocketAddr::new(ip, port)
             }
         };
-        let mut upstream =
-            connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning)
-                .await
-                .map_err(|e| match e {
-                    ConnectError::Timeout => fail(refuse(
-                        504,
-                        format!("no answer from {addr} within {:?}", self.dial_timeout),
-                    )),
-                    ConnectError::Refused => {
-                        fail(refuse(502, format!("{addr} refused the connection")))
-                    }
-                    other => fail(refuse(502, format!("{addr} unreachable: {other}"))),
-                })?;
+        let dial_start = Instant::now();
+        let dialled =
+            connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning).await;
+        if dialled.is_ok() {
+            self.server.stats.dial.observe(dial_start.elapsed());
+        }
+        let mut upstream = dialled.map_err(|e| match e {
+            ConnectError::Timeout => fail(refuse(
+                504,
+                format!("no answer from {addr} within {:?}", self.dial_timeout),
+            )),
+            ConnectError::Refused => fail(refuse(502, format!("{addr} refused the connection"))),
+            other => fail(refuse(502, format!("{addr} unreachable: {other}"))),
+        })?;
         if !first.is_empty() {
             upstream
                 .write_all(&first)

@@ -9,6 +9,7 @@ use common::cidr::CidrSet;
 use common::flow::{FlowTable, TunnelId};
 use common::hub::Hub;
 use common::io::framed::FrameSink;
+use common::metrics::{Histogram, ReasonCounters, DIAL_BUCKETS};
 use common::session::Session;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -35,13 +36,26 @@ impl Drop for StreamHandle {
 
 /// One allowed client.
 pub struct PeerSlot {
+    /// Name in logs and metrics.
+    pub name: String,
     pub session: Session,
     pub stream: Option<StreamHandle>,
     pub generation: u64,
 }
 
+/// Why a packet was dropped: the flow table's reasons, then the pump's own.
+pub const DROP_REASONS: [&str; 8] = [
+    "no_tunnel",
+    "table_full",
+    "source_not_allowed",
+    "unknown_flow",
+    "wrong_tunnel",
+    "malformed",
+    "not_shoot_network",
+    "queue_full",
+];
+
 /// Counters exposed on `/metrics`.
-#[derive(Default)]
 pub struct Stats {
     pub tun_rx_packets: AtomicU64,
     pub tun_tx_packets: AtomicU64,
@@ -49,11 +63,28 @@ pub struct Stats {
     pub tunnel_tx_bytes: AtomicU64,
     pub streams_accepted: AtomicU64,
     pub streams_rejected: AtomicU64,
-    pub drops_queue_full: AtomicU64,
-    pub drops_flow: AtomicU64,
-    pub drops_malformed: AtomicU64,
+    pub drops: ReasonCounters,
     pub proxy_open: AtomicU64,
     pub proxy_answers: [AtomicU64; 7],
+    /// Time from the start of a dial through the TUN to the upstream's accept.
+    pub dial: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            tun_rx_packets: AtomicU64::new(0),
+            tun_tx_packets: AtomicU64::new(0),
+            tunnel_rx_bytes: AtomicU64::new(0),
+            tunnel_tx_bytes: AtomicU64::new(0),
+            streams_accepted: AtomicU64::new(0),
+            streams_rejected: AtomicU64::new(0),
+            drops: ReasonCounters::new(&DROP_REASONS),
+            proxy_open: AtomicU64::new(0),
+            proxy_answers: Default::default(),
+            dial: Histogram::new(&DIAL_BUCKETS),
+        }
+    }
 }
 
 /// Index into `Stats::proxy_answers` for an answer code.

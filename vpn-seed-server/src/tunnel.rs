@@ -155,7 +155,7 @@ fn admit_inbound(server: &Server, id: TunnelId, view: &PacketView) -> bool {
     match verdict {
         Ok(()) => true,
         Err(reason) => {
-            inc(&server.stats.drops_flow);
+            server.stats.drops.inc(reason.reason());
             tracing::trace!(src = %view.src(), dst = %view.dst(), reason = reason.reason(), "dropped packet from tunnel");
             false
         }
@@ -171,7 +171,7 @@ pub fn send_frames(server: &Server, sink: &FrameSink, frames: Bytes) {
             .tunnel_tx_bytes
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     } else {
-        inc(&server.stats.drops_queue_full);
+        server.stats.drops.inc("queue_full");
     }
 }
 

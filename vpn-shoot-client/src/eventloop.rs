@@ -15,8 +15,9 @@ use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, TunReader, TunWriter, GSO_MAX_SIZE};
+use common::metrics::{Exposition, Kind, ReasonCounters};
 use common::packet::PacketView;
-use common::session::{Session, SessionConfig};
+use common::session::{Session, SessionConfig, SessionStats};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
@@ -48,19 +49,34 @@ impl Drop for StreamHandle {
 
 struct TunnelSlot {
     name: String,
+    /// Streams opened after the first.
+    reconnects: u64,
     session: Session,
     stream: Option<StreamHandle>,
     generation: u64,
 }
 
-#[derive(Default)]
+/// Why a packet read from the TUN was dropped.
+const DROP_REASONS: [&str; 3] = ["malformed", "no_tunnel", "queue_full"];
+
 struct Stats {
-    reconnects: AtomicU64,
     tun_rx_packets: AtomicU64,
     tun_tx_packets: AtomicU64,
     tunnel_rx_bytes: AtomicU64,
     tunnel_tx_bytes: AtomicU64,
-    drops: AtomicU64,
+    drops: ReasonCounters,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            tun_rx_packets: AtomicU64::new(0),
+            tun_tx_packets: AtomicU64::new(0),
+            tunnel_rx_bytes: AtomicU64::new(0),
+            tunnel_tx_bytes: AtomicU64::new(0),
+            drops: ReasonCounters::new(&DROP_REASONS),
+        }
+    }
 }
 
 struct Client {
@@ -75,10 +91,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
 impl Client {
     /// Sends frames on a tunnel stream, counting what was sent and what was dropped.
     fn send_frames(&self, sink: &FrameSink, frames: Bytes) {
@@ -86,7 +98,7 @@ impl Client {
         if sink.send(frames) {
             self.stats.tunnel_tx_bytes.fetch_add(n, Ordering::Relaxed);
         } else {
-            inc(&self.stats.drops);
+            self.stats.drops.inc("queue_full");
         }
     }
 
@@ -121,54 +133,157 @@ impl Health for Client {
     }
 
     fn metrics(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
         let s = &self.stats;
-        let mut out = String::new();
-        out.push_str("# HELP vpn_shoot_tunnel_up Whether the tunnel to a seed server is up.\n# TYPE vpn_shoot_tunnel_up gauge\n");
-        for (t, up) in self.tunnels.iter().zip(self.up()) {
-            out.push_str(&format!(
-                "vpn_shoot_tunnel_up{{server=\"{}\"}} {}\n",
-                lock(t).name,
-                u8::from(up)
-            ));
-        }
-        for (name, help, v) in [
+        let now = Instant::now();
+        type Row = (String, bool, SessionStats, Option<Duration>, f64, u64);
+        let tunnels: Vec<Row> = self
+            .tunnels
+            .iter()
+            .map(|t| {
+                let t = lock(t);
+                (
+                    t.name.clone(),
+                    t.stream.is_some() && t.session.is_established(),
+                    t.session.stats(),
+                    t.session.last_handshake_age(),
+                    t.session.last_received_age(now).as_secs_f64(),
+                    t.reconnects,
+                )
+            })
+            .collect();
+        let mut e = Exposition::new();
+        let per = |e: &mut Exposition,
+                   name: &str,
+                   kind: Kind,
+                   help: &str,
+                   v: &dyn Fn(&Row) -> Option<f64>| {
+            e.family(name, kind, help);
+            for row in &tunnels {
+                if let Some(x) = v(row) {
+                    e.sample(name, &[("server", &row.0)], x);
+                }
+            }
+        };
+        per(
+            &mut e,
+            "vpn_shoot_tunnel_up",
+            Kind::Gauge,
+            "Whether the tunnel to the seed server has a stream and an established session.",
+            &|r| Some(f64::from(u8::from(r.1))),
+        );
+        per(
+            &mut e,
+            "vpn_shoot_handshakes_total",
+            Kind::Counter,
+            "WireGuard handshakes completed with the seed server.",
+            &|r| Some(r.2.handshakes_completed as f64),
+        );
+        per(
+            &mut e,
+            "vpn_shoot_last_handshake_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last completed handshake (absent before the first).",
+            &|r| r.3.map(|a| a.as_secs_f64()),
+        );
+        per(
+            &mut e,
+            "vpn_shoot_last_received_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last message from the seed server (dead after --dead-peer-timeout).",
+            &|r| Some(r.4),
+        );
+        per(
+            &mut e,
+            "vpn_shoot_reconnects_total",
+            Kind::Counter,
+            "Tunnel streams opened after the first.",
+            &|r| Some(r.5 as f64),
+        );
+        per(
+            &mut e,
+            "vpn_shoot_frames_rejected_total",
+            Kind::Counter,
+            "Tunnel messages from the seed server that failed authentication or decryption.",
+            &|r| Some(r.2.rejected_messages as f64),
+        );
+        for (name, help, rx, tx) in [
             (
-                "vpn_shoot_reconnects_total",
-                "Tunnel streams opened after the first.",
-                g(&s.reconnects),
+                "vpn_shoot_peer_bytes_total",
+                "Inner IP bytes through the tunnel.",
+                (|r: &Row| r.2.rx_bytes) as fn(&Row) -> u64,
+                (|r: &Row| r.2.tx_bytes) as fn(&Row) -> u64,
             ),
             (
-                "vpn_shoot_tun_rx_packets_total",
-                "Packets read from the TUN.",
-                g(&s.tun_rx_packets),
-            ),
-            (
-                "vpn_shoot_tun_tx_packets_total",
-                "Packets written to the TUN.",
-                g(&s.tun_tx_packets),
-            ),
-            (
-                "vpn_shoot_tunnel_rx_bytes_total",
-                "Bytes read from tunnel streams.",
-                g(&s.tunnel_rx_bytes),
-            ),
-            (
-                "vpn_shoot_tunnel_tx_bytes_total",
-                "Bytes written to tunnel streams.",
-                g(&s.tunnel_tx_bytes),
-            ),
-            (
-                "vpn_shoot_packets_dropped_total",
-                "Packets dropped (no tunnel up, queue full).",
-                g(&s.drops),
+                "vpn_shoot_peer_packets_total",
+                "Inner IP packets through the tunnel.",
+                |r: &Row| r.2.rx_packets,
+                |r: &Row| r.2.tx_packets,
             ),
         ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
+            e.family(name, Kind::Counter, help);
+            for row in &tunnels {
+                e.sample(
+                    name,
+                    &[("server", &row.0), ("direction", "rx")],
+                    rx(row) as f64,
+                );
+                e.sample(
+                    name,
+                    &[("server", &row.0), ("direction", "tx")],
+                    tx(row) as f64,
+                );
+            }
         }
-        out
+        e.family(
+            "vpn_shoot_stream_bytes_total",
+            Kind::Counter,
+            "Bytes on tunnel streams (framed, encrypted).",
+        )
+        .sample(
+            "vpn_shoot_stream_bytes_total",
+            &[("direction", "rx")],
+            g(&s.tunnel_rx_bytes),
+        )
+        .sample(
+            "vpn_shoot_stream_bytes_total",
+            &[("direction", "tx")],
+            g(&s.tunnel_tx_bytes),
+        );
+        e.family(
+            "vpn_shoot_tun_packets_total",
+            Kind::Counter,
+            "Packets through the TUN device.",
+        )
+        .sample(
+            "vpn_shoot_tun_packets_total",
+            &[("direction", "rx")],
+            g(&s.tun_rx_packets),
+        )
+        .sample(
+            "vpn_shoot_tun_packets_total",
+            &[("direction", "tx")],
+            g(&s.tun_tx_packets),
+        );
+        e.family(
+            "vpn_shoot_packets_dropped_total",
+            Kind::Counter,
+            "Packets from the TUN dropped, by reason.",
+        );
+        for (reason, n) in s.drops.values() {
+            e.sample(
+                "vpn_shoot_packets_dropped_total",
+                &[("reason", reason)],
+                n as f64,
+            );
+        }
+        e.single(
+            "vpn_shoot_flows",
+            Kind::Gauge,
+            "Entries in the flow table (which tunnel each flow came from).",
+            lock(&self.flows).len() as f64,
+        );
+        e.finish()
     }
 }
 
@@ -235,6 +350,7 @@ pub async fn run(
         let index = u32::try_from(i + 1).map_err(|_| anyhow!("too many servers"))?;
         tunnels.push(Mutex::new(TunnelSlot {
             name: value.clone(),
+            reconnects: 0,
             session: Session::new(private.clone(), server_public, psk, index, scfg, None, now),
             stream: None,
             generation: 0,
@@ -333,7 +449,9 @@ async fn connect_once(
     }
     let dialed = dialer.dial(&first).await?;
     if attempts > 0 {
-        inc(&client.stats.reconnects);
+        if let Some(mut slot) = client.slot(id) {
+            slot.reconnects += 1;
+        }
     }
     let remote = dialed.remote.clone();
     let leftover = dialed.leftover.clone();
@@ -458,7 +576,7 @@ async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
         let now = Instant::now();
         for pkt in reader.packets() {
             let Ok(view) = PacketView::parse(pkt) else {
-                inc(&client.stats.drops);
+                client.stats.drops.inc("malformed");
                 continue;
             };
             let pinned = lock(&client.flows).reply_tunnel(&view, now);
@@ -484,7 +602,7 @@ async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
                 break;
             }
             if !sent {
-                inc(&client.stats.drops);
+                client.stats.drops.inc("no_tunnel");
             }
         }
         for (i, out) in outs.iter_mut().enumerate() {
@@ -497,7 +615,7 @@ async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
                 .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
             {
                 Some(sink) => client.send_frames(&sink, frames),
-                None => inc(&client.stats.drops),
+                None => client.stats.drops.inc("no_tunnel"),
             }
         }
     }
