@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod client;
 pub mod env;
+pub mod halab;
 pub mod lab;
 pub mod netns;
 pub mod pki;

@@ -1,6 +1,9 @@
 //! A small HTTP/1.1 server standing in for a pod: `GET /name` serves a file from `--dir`
 //! (`/` is `index.html`), `PUT`/`POST` reads the body (Content-Length) and answers the
-//! sha256 hex of it. One request per connection, one thread per connection, bounded.
+//! sha256 hex of it; `GET /whoami` answers the client's IP address as the server sees it
+//! (and, unlike the other paths, keeps an HTTP/1.1 connection open unless the request says
+//! `Connection: close`, so a test can ask again later on the same connection). One request
+//! per connection otherwise, one thread per connection, bounded.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -36,6 +39,8 @@ struct Request {
     path: String,
     content_length: Option<u64>,
     expect_continue: bool,
+    /// HTTP/1.1 without `Connection: close`.
+    keep_alive: bool,
     /// Body bytes read together with the head.
     rest: Vec<u8>,
 }
@@ -83,14 +88,43 @@ fn main() -> Result<()> {
 fn serve(mut stream: TcpStream, dir: &std::path::Path, peer: &str) -> Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let Some(req) = read_request(&mut stream)? else {
+    let Some(mut req) = read_request(&mut stream)? else {
         return Ok(());
     };
+    while req.method == "GET" && req.path == "/whoami" {
+        whoami(&mut stream, peer, req.keep_alive)?;
+        if !req.keep_alive {
+            return Ok(());
+        }
+        match read_request(&mut stream)? {
+            Some(next) => req = next,
+            None => return Ok(()),
+        }
+    }
     match req.method.as_str() {
         "GET" | "HEAD" => serve_file(&mut stream, dir, &req, peer),
         "PUT" | "POST" => receive(&mut stream, req, peer),
         _ => respond(&mut stream, 405, "method not allowed\n"),
     }
+}
+
+/// Answers the peer's IP address (IPv4-mapped addresses as plain IPv4).
+fn whoami(stream: &mut TcpStream, peer: &str, keep_alive: bool) -> Result<()> {
+    let ip = match peer.parse::<SocketAddr>().map(|a| a.ip()) {
+        Ok(std::net::IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map_or_else(|| v6.to_string(), |v4| v4.to_string()),
+        Ok(ip) => ip.to_string(),
+        Err(_) => peer.to_owned(),
+    };
+    let body = format!("{ip}\n");
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
 }
 
 /// Reads and parses the request head; `None` if the client closed before sending one.
@@ -114,6 +148,7 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Request>> {
             Ok(httparse::Status::Complete(len)) => {
                 let mut content_length = None;
                 let mut expect_continue = false;
+                let mut close = false;
                 for h in req.headers.iter() {
                     if h.name.eq_ignore_ascii_case("content-length") {
                         content_length = std::str::from_utf8(h.value)
@@ -121,6 +156,10 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Request>> {
                             .and_then(|v| v.trim().parse().ok());
                     } else if h.name.eq_ignore_ascii_case("expect") {
                         expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+                    } else if h.name.eq_ignore_ascii_case("connection") {
+                        close = String::from_utf8_lossy(h.value)
+                            .to_ascii_lowercase()
+                            .contains("close");
                     }
                 }
                 return Ok(Some(Request {
@@ -128,6 +167,7 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Request>> {
                     path: req.path.unwrap_or_default().to_owned(),
                     content_length,
                     expect_continue,
+                    keep_alive: req.version == Some(1) && !close,
                     rest: buf[len..filled].to_vec(),
                 }));
             }
