@@ -179,12 +179,14 @@ fn read_key_file(path: &Path, secret: bool) -> Result<[u8; 32], KeyError> {
 #[cfg(unix)]
 fn warn_if_readable_by_others(path: &Path, meta: &std::fs::Metadata) {
     use std::os::unix::fs::PermissionsExt;
+    // Group access is how Kubernetes Secret volumes with an fsGroup share a file with a
+    // non-root container (mode 0440); only access for others is worth a warning.
     let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
+    if mode & 0o007 != 0 {
         tracing::warn!(
             path = %path.display(),
             mode = format_args!("{:o}", mode & 0o777),
-            "key file is accessible by group or others"
+            "key file is accessible by others"
         );
     }
 }

@@ -45,8 +45,13 @@ pub fn get(key: &str) -> Result<String, SysctlError> {
 }
 
 /// Writes `value` to the sysctl given by path segments, e.g.
-/// `&["net", "ipv4", "conf", "eth0.100", "rp_filter"]`.
+/// `&["net", "ipv4", "conf", "eth0.100", "rp_filter"]`. A value that is already set is not
+/// written again, so a container whose `/proc/sys` is read-only starts when an init container
+/// (or the pod's `securityContext.sysctls`) set the values before.
 pub fn set_path(segments: &[&str], value: &str) -> Result<(), SysctlError> {
+    if get_path(segments).is_ok_and(|v| v == value.trim()) {
+        return Ok(());
+    }
     let (key, path) = resolve(segments)?;
     std::fs::write(&path, value).map_err(|source| SysctlError::Io {
         key,
