@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -29,11 +29,10 @@ use anyhow::{bail, Context, Result};
 use crate::client::{connect_uds, http_get, read_head, status_of};
 use crate::env::try_bin;
 use crate::lab::{
-    KeyPair, CLIENT_METRICS, INGRESS, NODE_NETWORKS, POD_INDEX, POD_NETWORKS, POD_PORT,
+    gen_key, KeyPair, CLIENT_METRICS, INGRESS, NODE_NETWORKS, POD_INDEX, POD_NETWORKS, POD_PORT,
     SEED_METRICS, SERVICE_NETWORKS, START_TIMEOUT, VPN_NETWORK,
 };
-use crate::netns::{self, unique_prefix, veth, Netns};
-use crate::pki::write_secret;
+use crate::netns::{unique_prefix, veth, Netns};
 use crate::proc::{Proc, STOP_GRACE};
 use crate::tmp::TempDir;
 use crate::wait::{http_status, is_listening, POLL};
@@ -95,33 +94,6 @@ pub struct HaLab {
     /// Options of the VPN processes.
     pub opts: HaOptions,
     dir: TempDir,
-}
-
-/// Generates a key pair `<dir>/<name>.key` with `vpn-shoot-client keygen` / `pubkey`.
-pub fn gen_key(dir: &Path, name: &str) -> Result<KeyPair> {
-    let bin = try_bin("vpn-shoot-client")?;
-    let private = netns::run(Command::new(&bin).arg("keygen"))?.stdout;
-    let private_file = dir.join(format!("{name}.key"));
-    write_secret(&private_file, &private)?;
-    let key = std::fs::File::open(&private_file)?;
-    let out = Command::new(&bin)
-        .arg("pubkey")
-        .stdin(key)
-        .stderr(Stdio::piped())
-        .output()
-        .context("run vpn-shoot-client pubkey")?;
-    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if !out.status.success() || public.is_empty() {
-        bail!(
-            "vpn-shoot-client pubkey failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(KeyPair {
-        private_file,
-        public,
-    })
 }
 
 /// Body of `GET url` made with curl inside `ns` (1 s limit), `None` unless it answered 2xx.

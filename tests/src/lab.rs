@@ -382,38 +382,7 @@ impl Lab {
 
     /// Generates a key pair `<dir>/<name>.key` with the shoot client's subcommands.
     pub fn gen_key(&self, name: &str) -> Result<KeyPair> {
-        let bin = try_bin("vpn-shoot-client")?;
-        let out = netns::run(Command::new(&bin).arg("keygen"))?;
-        let private = String::from_utf8(out.stdout).context("keygen output is not UTF-8")?;
-        let private_file = self.dir().join(format!("{name}.key"));
-        write_secret(&private_file, private.as_bytes())?;
-        let mut child = Command::new(&bin)
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn vpn-shoot-client pubkey")?;
-        child
-            .stdin
-            .take()
-            .context("pubkey stdin")?
-            .write_all(private.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "vpn-shoot-client pubkey failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let public = String::from_utf8(out.stdout)?.trim().to_owned();
-        if public.is_empty() {
-            bail!("vpn-shoot-client pubkey printed nothing");
-        }
-        Ok(KeyPair {
-            private_file,
-            public,
-        })
+        gen_key(self.dir(), name)
     }
 
     /// The seed server's arguments per the CLI contract, allowing the peers in `peers`.
@@ -678,6 +647,33 @@ fn is_zombie(pid: u32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
+}
+
+/// Generates a key pair `<dir>/<name>.key` with `vpn-shoot-client keygen` / `pubkey`.
+pub fn gen_key(dir: &Path, name: &str) -> Result<KeyPair> {
+    let bin = try_bin("vpn-shoot-client")?;
+    let private = netns::run(Command::new(&bin).arg("keygen"))?.stdout;
+    let private_file = dir.join(format!("{name}.key"));
+    write_secret(&private_file, &private)?;
+    let key = std::fs::File::open(&private_file)?;
+    let out = Command::new(&bin)
+        .arg("pubkey")
+        .stdin(key)
+        .stderr(Stdio::piped())
+        .output()
+        .context("run vpn-shoot-client pubkey")?;
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || public.is_empty() {
+        bail!(
+            "vpn-shoot-client pubkey failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(KeyPair {
+        private_file,
+        public,
+    })
 }
 
 /// Writes `size` random bytes to `path`; returns their sha256 (hex).
