@@ -70,9 +70,57 @@ pub fn liveness(keepalive: Duration, dead_peer_timeout: Duration, errs: &mut Vec
     }
 }
 
+/// A flag value parsed leniently: clap keeps the parse result and validation reports every bad
+/// value together with the others (clap itself would stop at the first).
+#[derive(Clone, Debug)]
+pub struct Flag<T>(Result<T, String>);
+
+impl<T: Clone> Flag<T> {
+    /// The value, or None after pushing `--<flag> "<text>": <why>` onto `errs`.
+    pub fn get(&self, flag: &str, errs: &mut Vec<String>) -> Option<T> {
+        match &self.0 {
+            Ok(v) => Some(v.clone()),
+            Err(e) => {
+                errs.push(format!("--{flag} {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// Lenient parser of any `FromStr` value, for `#[arg(value_parser = parse::<T>)]`.
+pub fn parse<T: std::str::FromStr>(s: &str) -> Result<Flag<T>, std::convert::Infallible>
+where
+    T::Err: std::fmt::Display,
+{
+    Ok(Flag(
+        s.trim().parse::<T>().map_err(|e| format!("{s:?}: {e}")),
+    ))
+}
+
+/// Lenient parser of durations like `10s`, `500ms`, `2m`.
+pub fn duration(s: &str) -> Result<Flag<Duration>, std::convert::Infallible> {
+    Ok(Flag(
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e}")),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_flags_collect_every_error() {
+        let mut errs = Vec::new();
+        let ok = duration("5s").unwrap().get("keepalive", &mut errs);
+        let bad = duration("soon").unwrap().get("dial-timeout", &mut errs);
+        let mtu = parse::<u16>("99999").unwrap().get("mtu", &mut errs);
+        assert_eq!(ok, Some(Duration::from_secs(5)));
+        assert_eq!((bad, mtu), (None, None));
+        assert_eq!(errs.len(), 2);
+        assert!(errs[0].starts_with("--dial-timeout \"soon\": "), "{errs:?}");
+        assert!(errs[1].starts_with("--mtu \"99999\": "), "{errs:?}");
+    }
 
     #[test]
     fn reports_offending_values() {

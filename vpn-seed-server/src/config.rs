@@ -6,16 +6,30 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::cidr::CidrSet;
+use common::config::Flag;
 use ipnet::IpNet;
+
+/// Reference text after the flags in `--help`.
+const AFTER_HELP: &str = "\
+Every flag can also be set by the environment variable shown. Secrets are file paths.
+
+Endpoints on --metrics-listen (default :15000): /healthz (liveness), /readyz, /metrics.
+/readyz: 200 while at least one tunnel is established; 503 before that and after SIGTERM.
+SIGTERM: the proxy listeners close, open proxied connections drain for up to
+--shutdown-timeout, then the routes are removed.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT; 1 a component failed; 2 configuration errors
+(all printed at once); 3 stopped by a signal with connections still open at the drain
+deadline.";
 
 /// Reversed VPN seed server: accepts the shoot client's tunnel and serves kube-apiserver's
 /// HTTP CONNECT egress proxy into the shoot's pod, service and node networks.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "vpn-seed-server", version, about, long_about = None)]
+#[command(name = "vpn-seed-server", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Args {
     /// Tunnel listener: raw streams from the ingress, or streams that begin with CONNECT.
-    #[arg(long, env = "TUNNEL_LISTEN", default_value = "[::]:1194")]
-    pub tunnel_listen: SocketAddr,
+    #[arg(long, env = "TUNNEL_LISTEN", default_value = "[::]:1194", value_parser = common::config::parse::<SocketAddr>)]
+    pub tunnel_listen: Flag<SocketAddr>,
 
     /// Egress proxy TLS listener (client certificates required), or `off`.
     #[arg(long, env = "PROXY_LISTEN", default_value = "[::]:9443")]
@@ -76,67 +90,67 @@ pub struct Args {
     pub vpn_network: String,
 
     /// Index of this replica: it uses host address index+1 of each VPN network.
-    #[arg(long, env = "SERVER_INDEX", default_value_t = 0)]
-    pub server_index: u32,
+    #[arg(long, env = "SERVER_INDEX", default_value = "0", value_parser = common::config::parse::<u32>)]
+    pub server_index: Flag<u32>,
 
     /// Name of the TUN device.
     #[arg(long, env = "TUN_NAME", default_value = "tun0")]
     pub tun_name: String,
 
     /// MTU of the TUN device.
-    #[arg(long, env = "MTU", default_value_t = 1400)]
-    pub mtu: u16,
+    #[arg(long, env = "MTU", default_value = "1400", value_parser = common::config::parse::<u16>)]
+    pub mtu: Flag<u16>,
 
     /// Use the TUN's offloads (TSO/GRO super-packets) when the kernel offers them.
-    #[arg(long, env = "TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub tun_offload: bool,
+    #[arg(long, env = "TUN_OFFLOAD", default_value = "true", action = clap::ArgAction::Set, value_parser = common::config::parse::<bool>)]
+    pub tun_offload: Flag<bool>,
 
     /// Policy routing table for sockets bound to the TUN.
-    #[arg(long, env = "ROUTING_TABLE", default_value_t = 1194)]
-    pub routing_table: u32,
+    #[arg(long, env = "ROUTING_TABLE", default_value = "1194", value_parser = common::config::parse::<u32>)]
+    pub routing_table: Flag<u32>,
 
     /// Priority of the policy routing rule `oif <tun> lookup <table>`.
-    #[arg(long, env = "ROUTING_RULE_PRIORITY", default_value_t = 1194)]
-    pub routing_rule_priority: u32,
+    #[arg(long, env = "ROUTING_RULE_PRIORITY", default_value = "1194", value_parser = common::config::parse::<u32>)]
+    pub routing_rule_priority: Flag<u32>,
 
     /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
     #[arg(long, env = "METRICS_LISTEN", default_value = "[::]:15000")]
     pub metrics_listen: String,
 
     /// Time allowed to establish a proxied connection before answering 504.
-    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub dial_timeout: Duration,
+    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = common::config::duration)]
+    pub dial_timeout: Flag<Duration>,
 
     /// The shoot's DNS server (e.g. the kube-dns service IP), asked through the tunnel for
     /// hostname targets; it must lie in the shoot networks. Without it they get 502.
-    #[arg(long, env = "SHOOT_DNS_SERVER")]
-    pub shoot_dns_server: Option<IpAddr>,
+    #[arg(long, env = "SHOOT_DNS_SERVER", value_parser = common::config::parse::<IpAddr>)]
+    pub shoot_dns_server: Option<Flag<IpAddr>>,
 
     /// The shoot's cluster domain, appended to hostname targets ending in `.svc`.
     #[arg(long, env = "SHOOT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub shoot_cluster_domain: String,
 
     /// Time the shoot's DNS server has to answer (one retry included) before 504.
-    #[arg(long, env = "DNS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub dns_timeout: Duration,
+    #[arg(long, env = "DNS_TIMEOUT", default_value = "2s", value_parser = common::config::duration)]
+    pub dns_timeout: Flag<Duration>,
 
     /// Maximum number of open proxied connections; more are answered 503.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
-    pub max_connections: usize,
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = "20000", value_parser = common::config::parse::<usize>)]
+    pub max_connections: Flag<usize>,
 
     /// Keepalive interval: a keepalive is sent into a tunnel that carried nothing for this long.
-    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub keepalive: Duration,
+    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = common::config::duration)]
+    pub keepalive: Flag<Duration>,
 
     /// A tunnel stream that received nothing for this long is closed (detects streams that
     /// silently stopped, e.g. black-holed, without waiting for TCP to time out).
-    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub dead_peer_timeout: Duration,
+    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = common::config::duration)]
+    pub dead_peer_timeout: Flag<Duration>,
 
     /// On SIGTERM: time open proxied connections get to finish after the proxy listeners
     /// closed (keep it below the pod's termination grace period).
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = common::config::duration)]
+    pub shutdown_timeout: Flag<Duration>,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -193,7 +207,55 @@ impl Args {
     /// Validates everything and reports all errors at once.
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
-        let tunnel_listen = self.tunnel_listen;
+        let tunnel_listen = self
+            .tunnel_listen
+            .get("tunnel-listen", &mut errs)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let server_index = self
+            .server_index
+            .get("server-index", &mut errs)
+            .unwrap_or(0);
+        let mtu = self.mtu.get("mtu", &mut errs).unwrap_or(1400);
+        let tun_offload = self
+            .tun_offload
+            .get("tun-offload", &mut errs)
+            .unwrap_or(true);
+        let routing_table = self
+            .routing_table
+            .get("routing-table", &mut errs)
+            .unwrap_or(1194);
+        let routing_rule_priority = self
+            .routing_rule_priority
+            .get("routing-rule-priority", &mut errs)
+            .unwrap_or(1194);
+        let dial_timeout = self
+            .dial_timeout
+            .get("dial-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(10));
+        let shoot_dns_server = self
+            .shoot_dns_server
+            .as_ref()
+            .and_then(|f| f.get("shoot-dns-server", &mut errs));
+        let dns_timeout = self
+            .dns_timeout
+            .get("dns-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(2));
+        let max_connections = self
+            .max_connections
+            .get("max-connections", &mut errs)
+            .unwrap_or(1);
+        let keepalive = self
+            .keepalive
+            .get("keepalive", &mut errs)
+            .unwrap_or(Duration::from_secs(5));
+        let dead_peer_timeout = self
+            .dead_peer_timeout
+            .get("dead-peer-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(15));
+        let shutdown_timeout = self
+            .shutdown_timeout
+            .get("shutdown-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(20));
         let proxy_listen =
             common::config::listen_addr("proxy-listen", &self.proxy_listen, &mut errs);
         let metrics_listen =
@@ -242,15 +304,11 @@ impl Args {
         let vpn_networks = common::config::vpn_networks(&self.vpn_network, &mut errs);
         let mut tun_addrs = Vec::new();
         for net in &vpn_networks {
-            match self
-                .server_index
-                .checked_add(1)
-                .and_then(|n| host_addr(net, n))
-            {
+            match server_index.checked_add(1).and_then(|n| host_addr(net, n)) {
                 Some(a) => tun_addrs.push(a),
                 None => errs.push(format!(
                     "--server-index {} does not fit in VPN network {net}",
-                    self.server_index
+                    server_index
                 )),
             }
             if shoot_networks.overlaps(net) {
@@ -285,15 +343,15 @@ impl Args {
         if self.peers.is_empty() && self.peers_dir.is_none() {
             errs.push("give the clients' public keys with --peer or --peers-dir".into());
         }
-        common::config::tun(&self.tun_name, self.mtu, &mut errs);
-        if self.max_connections == 0 {
+        common::config::tun(&self.tun_name, mtu, &mut errs);
+        if max_connections == 0 {
             errs.push("--max-connections must be at least 1".into());
         }
-        common::config::liveness(self.keepalive, self.dead_peer_timeout, &mut errs);
-        if self.dial_timeout.is_zero() {
+        common::config::liveness(keepalive, dead_peer_timeout, &mut errs);
+        if dial_timeout.is_zero() {
             errs.push("--dial-timeout must be positive".into());
         }
-        if let Some(ip) = self.shoot_dns_server {
+        if let Some(ip) = shoot_dns_server {
             if !shoot_networks.is_empty() && !shoot_networks.contains(ip) {
                 errs.push(format!(
                     "--shoot-dns-server {ip}: not in the shoot networks (it is reached through the tunnel)"
@@ -310,7 +368,7 @@ impl Args {
                 String::new()
             }
         };
-        if self.dns_timeout.is_zero() {
+        if dns_timeout.is_zero() {
             errs.push("--dns-timeout must be positive".into());
         }
         if !errs.is_empty() {
@@ -328,19 +386,19 @@ impl Args {
             vpn_networks,
             tun_addrs,
             tun_name: self.tun_name,
-            mtu: self.mtu,
-            tun_offload: self.tun_offload,
-            routing_table: self.routing_table,
-            routing_rule_priority: self.routing_rule_priority,
+            mtu,
+            tun_offload,
+            routing_table,
+            routing_rule_priority,
             metrics_listen,
-            dial_timeout: self.dial_timeout,
-            shoot_dns_server: self.shoot_dns_server,
+            dial_timeout,
+            shoot_dns_server,
             shoot_cluster_domain,
-            dns_timeout: self.dns_timeout,
-            max_connections: self.max_connections,
-            keepalive: self.keepalive,
-            dead_peer_timeout: self.dead_peer_timeout,
-            shutdown_timeout: self.shutdown_timeout,
+            dns_timeout,
+            max_connections,
+            keepalive,
+            dead_peer_timeout,
+            shutdown_timeout,
         })
     }
 }

@@ -5,7 +5,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use common::config::Flag;
 use ipnet::IpNet;
+
+/// Reference text after the flags in `--help`.
+const AFTER_HELP: &str = "\
+Every flag can also be set by the environment variable shown. Secrets are file paths.
+
+Endpoints on --metrics-listen (default :15001): /healthz (liveness), /readyz, /metrics.
+/readyz: 200 when the tunnel to every --header-value is up (--ready-when any: one).
+SIGTERM: exits at once and removes its nftables table.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT; 1 a component failed; 2 configuration errors
+(all printed at once); 3 stopped by a signal with connections still open at the drain
+deadline.";
 
 /// Reversed VPN shoot client: dials out through the seed's ingress with HTTP CONNECT, carries
 /// the seed's connections into the shoot's pod, service and node networks.
@@ -15,6 +28,7 @@ use ipnet::IpNet;
     version,
     about,
     long_about = None,
+    after_help = AFTER_HELP,
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
 )]
@@ -95,33 +109,33 @@ pub struct Args {
     pub tun_name: String,
 
     /// MTU of the TUN device.
-    #[arg(long, env = "MTU", default_value_t = 1400)]
-    pub mtu: u16,
+    #[arg(long, env = "MTU", default_value = "1400", value_parser = common::config::parse::<u16>)]
+    pub mtu: Flag<u16>,
 
     /// Use the TUN's offloads (TSO/GRO super-packets) when the kernel offers them.
-    #[arg(long, env = "TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
-    pub tun_offload: bool,
+    #[arg(long, env = "TUN_OFFLOAD", default_value = "true", action = clap::ArgAction::Set, value_parser = common::config::parse::<bool>)]
+    pub tun_offload: Flag<bool>,
 
     /// Masquerade traffic from the VPN network leaving by other interfaces.
-    #[arg(long, env = "MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub masquerade: bool,
+    #[arg(long, env = "MASQUERADE", default_value = "true", action = clap::ArgAction::Set, value_parser = common::config::parse::<bool>)]
+    pub masquerade: Flag<bool>,
 
     /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`), or `off`.
     #[arg(long, env = "METRICS_LISTEN", default_value = "[::]:15001")]
     pub metrics_listen: String,
 
     /// Keepalive interval: a keepalive is sent into a tunnel that carried nothing for this long.
-    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub keepalive: Duration,
+    #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = common::config::duration)]
+    pub keepalive: Flag<Duration>,
 
     /// A tunnel stream that received nothing for this long is reconnected (detects streams that
     /// silently stopped, e.g. black-holed, without waiting for TCP to time out).
-    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub dead_peer_timeout: Duration,
+    #[arg(long, env = "DEAD_PEER_TIMEOUT", default_value = "15s", value_parser = common::config::duration)]
+    pub dead_peer_timeout: Flag<Duration>,
 
     /// Time allowed to reach the ingress and get its answer.
-    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub dial_timeout: Duration,
+    #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = common::config::duration)]
+    pub dial_timeout: Flag<Duration>,
 
     /// Readiness: `all` = every configured seed server's tunnel is up; `any` = at least one.
     #[arg(long, env = "READY_WHEN", default_value = "all", value_parser = ["all", "any"])]
@@ -192,6 +206,24 @@ impl Args {
     /// Validates everything and reports all errors at once.
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
+        let mtu = self.mtu.get("mtu", &mut errs).unwrap_or(1400);
+        let tun_offload = self
+            .tun_offload
+            .get("tun-offload", &mut errs)
+            .unwrap_or(true);
+        let masquerade = self.masquerade.get("masquerade", &mut errs).unwrap_or(true);
+        let keepalive = self
+            .keepalive
+            .get("keepalive", &mut errs)
+            .unwrap_or(Duration::from_secs(5));
+        let dead_peer_timeout = self
+            .dead_peer_timeout
+            .get("dead-peer-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(15));
+        let dial_timeout = self
+            .dial_timeout
+            .get("dial-timeout", &mut errs)
+            .unwrap_or(Duration::from_secs(10));
         let (endpoint_host, endpoint_port) =
             match self.endpoint.as_deref().map(|e| split_host_port(e, 8132)) {
                 Some(Ok(hp)) => hp,
@@ -258,11 +290,11 @@ impl Args {
             errs.push("--private-key-file is required".into());
         }
         let vpn_networks = common::config::vpn_networks(&self.vpn_network, &mut errs);
-        common::config::tun(&self.tun_name, self.mtu, &mut errs);
+        common::config::tun(&self.tun_name, mtu, &mut errs);
         let metrics_listen =
             common::config::listen_addr("metrics-listen", &self.metrics_listen, &mut errs);
-        common::config::liveness(self.keepalive, self.dead_peer_timeout, &mut errs);
-        if self.dial_timeout.is_zero() {
+        common::config::liveness(keepalive, dead_peer_timeout, &mut errs);
+        if dial_timeout.is_zero() {
             errs.push("--dial-timeout must be positive".into());
         }
         if !errs.is_empty() {
@@ -280,14 +312,14 @@ impl Args {
             server_public_key,
             vpn_networks,
             tun_name: self.tun_name,
-            mtu: self.mtu,
-            tun_offload: self.tun_offload,
-            masquerade: self.masquerade,
+            mtu,
+            tun_offload,
+            masquerade,
             metrics_listen,
-            keepalive: self.keepalive,
-            dead_peer_timeout: self.dead_peer_timeout,
+            keepalive,
+            dead_peer_timeout,
             ready_when_all: self.ready_when == "all",
-            dial_timeout: self.dial_timeout,
+            dial_timeout,
         })
     }
 }
