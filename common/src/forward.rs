@@ -153,8 +153,18 @@ pub fn forward_request(head: &RequestHead) -> Result<Forward, ForwardError> {
     {
         out.extend_from_slice(format!("Host: {}\r\n", host_header(&target)).as_bytes());
     }
-    for (name, value) in &head.headers {
-        if is_hop_by_hop(name, &listed) {
+    end_head(&mut out, &head.headers, |name| is_hop_by_hop(name, &listed));
+    Ok(Forward {
+        target,
+        head: out,
+        body_len: body_len.unwrap_or(0),
+    })
+}
+
+/// Appends the headers that `drop` does not reject, `Connection: close` and the blank line.
+fn end_head(out: &mut Vec<u8>, headers: &[(String, Vec<u8>)], drop: impl Fn(&str) -> bool) {
+    for (name, value) in headers {
+        if drop(name) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -163,11 +173,6 @@ pub fn forward_request(head: &RequestHead) -> Result<Forward, ForwardError> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
-    Ok(Forward {
-        target,
-        head: out,
-        body_len: body_len.unwrap_or(0),
-    })
 }
 
 fn host_header(t: &Target) -> String {
@@ -213,21 +218,13 @@ pub fn close_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HeadE
         )
         .as_bytes(),
     );
-    for (name, value) in &owned {
+    end_head(&mut out, &owned, |name| {
         let lower = name.to_ascii_lowercase();
-        if matches!(
+        matches!(
             lower.as_str(),
             "connection" | "keep-alive" | "proxy-connection"
         ) || listed.contains(&lower)
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    });
     Ok(Some((out, len)))
 }
 

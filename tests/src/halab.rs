@@ -33,7 +33,7 @@ use crate::lab::{
     SEED_METRICS, SERVICE_NETWORKS, START_TIMEOUT, VPN_NETWORK,
 };
 use crate::netns::{unique_prefix, veth, Netns};
-use crate::proc::{Proc, STOP_GRACE};
+use crate::proc::{Proc, Procs};
 use crate::tmp::TempDir;
 use crate::wait::{http_status, is_listening, POLL};
 
@@ -78,7 +78,7 @@ pub struct HaOptions {
 pub struct HaLab {
     /// Name prefix of everything this lab created.
     pub prefix: String,
-    procs: Vec<Proc>,
+    procs: Procs,
     /// Seed namespaces of server 0 and 1.
     pub seeds: [Netns; 2],
     /// Ingress gateway namespace.
@@ -241,7 +241,7 @@ impl HaLab {
 
         Ok(Self {
             prefix,
-            procs: Vec::new(),
+            procs: Procs::new(dir.path()),
             seeds,
             gw,
             shoots,
@@ -282,7 +282,7 @@ impl HaLab {
 
     /// The process `name` (also after it was killed or stopped, until restarted).
     pub fn proc(&self, name: &str) -> Option<&Proc> {
-        self.procs.iter().find(|p| p.name() == name)
+        self.procs.get(name)
     }
 
     /// Fails unless TCP connects from both seeds to the pod (v4 and v6) fail.
@@ -320,14 +320,11 @@ impl HaLab {
         bin: &Path,
         args: &[String],
     ) -> Result<()> {
-        let log = self.dir().join(format!("{name}.log"));
         let ns = self
             .ns_by_name(ns_name)
             .with_context(|| format!("no namespace {ns_name}"))?;
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-        let p = Proc::spawn(name, ns, bin, args, &[("RUST_LOG", &rust_log)], &log)?;
-        self.procs.retain(|q| q.name() != name);
-        self.procs.push(p);
+        let p = self.procs.start(name, ns, bin, args)?;
+        self.procs.insert(p);
         Ok(())
     }
 
@@ -344,14 +341,8 @@ impl HaLab {
             if cond(self) {
                 return Ok(start.elapsed());
             }
-            for p in &mut self.procs {
-                if let Some(st) = p.exit_status() {
-                    bail!(
-                        "{} exited ({st}) while waiting for {what}; its log:\n{}",
-                        p.name(),
-                        p.log()
-                    );
-                }
+            if let Some((name, st, log)) = self.procs.first_exited(None) {
+                bail!("{name} exited ({st}) while waiting for {what}; its log:\n{log}");
             }
             if start.elapsed() >= timeout {
                 bail!("timed out after {timeout:?} waiting for {what}");
@@ -500,18 +491,12 @@ impl HaLab {
 
     /// SIGKILLs process `name` (no cleanup, like a crashed pod); its log stays available.
     pub fn kill9(&mut self, name: &str) -> Result<()> {
-        match self.procs.iter_mut().find(|p| p.name() == name) {
-            Some(p) => p.kill9(),
-            None => bail!("{name} is not running"),
-        }
+        self.procs.kill9(name)
     }
 
     /// SIGTERMs process `name` and waits for it to exit (SIGKILL after [`STOP_GRACE`]).
     pub fn stop(&mut self, name: &str) -> Result<()> {
-        match self.procs.iter_mut().find(|p| p.name() == name) {
-            Some(p) => p.stop(STOP_GRACE),
-            None => bail!("{name} is not running"),
-        }
+        self.procs.stop(name)
     }
 
     /// Seed server `i`'s `vpn_seed_tunnels_up`, `None` if it does not answer.
@@ -631,29 +616,7 @@ impl HaLab {
 
     /// Prints every process's log to stderr.
     pub fn print_logs(&self) {
-        for p in &self.procs {
-            eprintln!(
-                "===== log of {} (pid {}) =====\n{}",
-                p.name(),
-                p.pid(),
-                p.log()
-            );
-        }
-    }
-}
-
-impl Drop for HaLab {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.print_logs();
-        }
-        // Stop processes before the namespaces (fields) are deleted, the last started first
-        // (clients before the ingress and the servers, so they do not log reconnects).
-        for mut p in std::mem::take(&mut self.procs).into_iter().rev() {
-            if let Err(e) = p.stop(STOP_GRACE) {
-                eprintln!("warning: stopping {}: {e:#}", p.name());
-            }
-        }
+        self.procs.print_logs();
     }
 }
 

@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
@@ -26,9 +26,9 @@ use sha2::{Digest, Sha256};
 use crate::env::try_bin;
 use crate::netns::{self, unique_prefix, veth, Netns};
 use crate::pki::{write_secret, Pki};
-use crate::proc::Proc;
+use crate::proc::{Proc, Procs};
 use crate::tmp::TempDir;
-use crate::wait::{http_status, is_listening, wait_until};
+use crate::wait::{http_status, is_listening, POLL};
 
 /// Seed server tunnel listener (in `seed`).
 pub const SEED_TUNNEL: &str = "192.168.77.1:1194";
@@ -92,7 +92,7 @@ pub struct KeyPair {
 pub struct Lab {
     /// Name prefix of everything this lab created.
     pub prefix: String,
-    procs: Vec<Proc>,
+    procs: Procs,
     /// Seed (control plane) namespace.
     pub seed: Netns,
     /// Ingress gateway namespace.
@@ -179,7 +179,7 @@ impl Lab {
 
         let mut lab = Self {
             prefix: prefix.to_owned(),
-            procs: Vec::new(),
+            procs: Procs::new(dir.path()),
             seed,
             gw,
             shoot,
@@ -239,12 +239,12 @@ impl Lab {
 
     /// The running process `name`.
     pub fn proc(&self, name: &str) -> Option<&Proc> {
-        self.procs.iter().find(|p| p.name() == name)
+        self.procs.get(name)
     }
 
     /// The running process `name`, mutably.
     pub fn proc_mut(&mut self, name: &str) -> Option<&mut Proc> {
-        self.procs.iter_mut().find(|p| p.name() == name)
+        self.procs.get_mut(name)
     }
 
     /// Names and PIDs of all processes.
@@ -254,11 +254,7 @@ impl Lab {
 
     /// Stops process `name` (SIGTERM, then SIGKILL) and forgets it.
     pub fn stop(&mut self, name: &str) -> Result<()> {
-        if let Some(i) = self.procs.iter().position(|p| p.name() == name) {
-            let mut p = self.procs.remove(i);
-            p.stop(crate::proc::STOP_GRACE)?;
-        }
-        Ok(())
+        self.procs.remove(name)
     }
 
     /// Waits for `cond`, failing early (with the log) if process `name` exits meanwhile.
@@ -269,27 +265,19 @@ impl Lab {
         what: &str,
         mut cond: impl FnMut(&Self) -> bool,
     ) -> Result<Duration> {
-        let mut exited = None;
-        let res = {
-            let this = &*self;
-            wait_until(timeout, what, || {
-                if cond(this) {
-                    return true;
-                }
-                if let Some(p) = this.procs.iter().find(|p| p.name() == name) {
-                    // The child is not reaped while we wait, so an exited one is a zombie.
-                    if is_zombie(p.pid()) {
-                        exited = Some(p.log());
-                        return true;
-                    }
-                }
-                false
-            })
-        };
-        if let Some(log) = exited {
-            bail!("{name} exited while waiting for {what}; its log:\n{log}");
+        let start = Instant::now();
+        loop {
+            if cond(self) {
+                return Ok(start.elapsed());
+            }
+            if let Some((_, st, log)) = self.procs.first_exited(Some(name)) {
+                bail!("{name} exited ({st}) while waiting for {what}; its log:\n{log}");
+            }
+            if start.elapsed() >= timeout {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(POLL);
         }
-        res
     }
 
     /// Starts the pod's HTTP server on `[::]:8080` and waits until it listens.
@@ -560,14 +548,11 @@ impl Lab {
         bin: &Path,
         args: &[String],
     ) -> Result<()> {
-        let log = self.dir().join(format!("{name}.log"));
         let ns = self
             .ns_by_name(ns_name)
             .with_context(|| format!("no namespace {ns_name}"))?;
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-        let p = Proc::spawn(name, ns, bin, args, &[("RUST_LOG", &rust_log)], &log)?;
-        self.procs.retain(|q| q.name() != name);
-        self.procs.push(p);
+        let p = self.procs.start(name, ns, bin, args)?;
+        self.procs.insert(p);
         Ok(())
     }
 
@@ -596,21 +581,12 @@ impl Lab {
 
     /// Prints every process's log to stderr.
     pub fn print_logs(&self) {
-        for p in &self.procs {
-            eprintln!(
-                "===== log of {} (pid {}) =====\n{}",
-                p.name(),
-                p.pid(),
-                p.log()
-            );
-        }
+        self.procs.print_logs();
     }
 
     /// Leaves namespaces, processes and files in place (lab `--keep`); returns the directory.
     pub fn keep(mut self) -> PathBuf {
-        for p in std::mem::take(&mut self.procs) {
-            p.detach();
-        }
+        self.procs.detach_all();
         for n in [&mut self.seed, &mut self.gw, &mut self.shoot, &mut self.pod] {
             n.keep();
         }
@@ -623,30 +599,6 @@ impl Lab {
         self.dir.keep();
         self.dir.path().to_owned()
     }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.print_logs();
-        }
-        // Stop processes before the namespaces (fields) are deleted.
-        for mut p in std::mem::take(&mut self.procs) {
-            if let Err(e) = p.stop(crate::proc::STOP_GRACE) {
-                eprintln!("warning: stopping {}: {e:#}", p.name());
-            }
-        }
-    }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// Generates a key pair `<dir>/<name>.key` with `vpn-shoot-client keygen` / `pubkey`.

@@ -178,3 +178,122 @@ pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
         Err(std::io::Error::last_os_error()).with_context(|| format!("kill({pid}, {sig})"))
     }
 }
+
+/// The named processes of a lab, each logging to `<dir>/<name>.log`; stopped, the last started
+/// first, when dropped (before the namespaces they run in, which are dropped after it).
+#[derive(Debug)]
+pub struct Procs {
+    dir: PathBuf,
+    list: Vec<Proc>,
+}
+
+impl Procs {
+    /// An empty set whose logs go to `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            list: Vec::new(),
+        }
+    }
+
+    /// Starts `bin args…` as process `name` in `ns` with the caller's `RUST_LOG` (default
+    /// `info`), appending to `<dir>/<name>.log` (a restart continues it). Hand the result to
+    /// [`Procs::insert`].
+    pub fn start(&self, name: &str, ns: &Netns, bin: &Path, args: &[String]) -> Result<Proc> {
+        let log = self.dir.join(format!("{name}.log"));
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+        Proc::spawn(name, ns, bin, args, &[("RUST_LOG", &rust_log)], &log)
+    }
+
+    /// Adds a started process, replacing an earlier one of the same name.
+    pub fn insert(&mut self, p: Proc) {
+        self.list.retain(|q| q.name() != p.name());
+        self.list.push(p);
+    }
+
+    /// Leaves every process running and forgets it (a lab kept for exploring).
+    pub fn detach_all(&mut self) {
+        for p in std::mem::take(&mut self.list) {
+            p.detach();
+        }
+    }
+
+    /// The process `name`.
+    pub fn get(&self, name: &str) -> Option<&Proc> {
+        self.list.iter().find(|p| p.name() == name)
+    }
+
+    /// The process `name`, mutably.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Proc> {
+        self.list.iter_mut().find(|p| p.name() == name)
+    }
+
+    /// All processes, in start order.
+    pub fn iter(&self) -> impl Iterator<Item = &Proc> {
+        self.list.iter()
+    }
+
+    /// SIGKILLs `name` (no cleanup, like a crashed pod); it stays in the set with its log.
+    pub fn kill9(&mut self, name: &str) -> Result<()> {
+        match self.get_mut(name) {
+            Some(p) => p.kill9(),
+            None => anyhow::bail!("{name} is not running"),
+        }
+    }
+
+    /// SIGTERMs `name` and waits for it (SIGKILL after [`STOP_GRACE`]); it stays in the set.
+    pub fn stop(&mut self, name: &str) -> Result<()> {
+        match self.get_mut(name) {
+            Some(p) => p.stop(STOP_GRACE),
+            None => anyhow::bail!("{name} is not running"),
+        }
+    }
+
+    /// Stops `name` as [`Procs::stop`] does and forgets it; nothing happens if it is unknown.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        if let Some(i) = self.list.iter().position(|p| p.name() == name) {
+            let mut p = self.list.remove(i);
+            p.stop(STOP_GRACE)?;
+        }
+        Ok(())
+    }
+
+    /// The first process (of `only`, or of all when `None`) that has exited: its name, status
+    /// and log — for readiness waits that should fail early.
+    pub fn first_exited(&mut self, only: Option<&str>) -> Option<(String, String, String)> {
+        self.list
+            .iter_mut()
+            .filter(|p| only.is_none_or(|n| p.name() == n))
+            .find_map(|p| {
+                p.exit_status()
+                    .map(|st| (p.name().to_owned(), st.to_string(), p.log()))
+            })
+    }
+
+    /// Prints every process's log to stderr.
+    pub fn print_logs(&self) {
+        for p in &self.list {
+            eprintln!(
+                "===== log of {} (pid {}) =====\n{}",
+                p.name(),
+                p.pid(),
+                p.log()
+            );
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        // The last started first: clients before the ingress and the servers, so that they
+        // do not log reconnects.
+        for mut p in std::mem::take(&mut self.list).into_iter().rev() {
+            if let Err(e) = p.stop(STOP_GRACE) {
+                eprintln!("warning: stopping {}: {e:#}", p.name());
+            }
+        }
+    }
+}

@@ -358,9 +358,14 @@ mod tests {
             "bad",
             "--mtu",
             "70000",
+            "--keepalive",
+            "soon",
         ]);
-        // mtu out of u16 range is a parse error already.
-        assert!(cli.is_err());
+        // Bad values are reported by validation, together with every other error.
+        let errs = cli.unwrap().args.validate().unwrap_err().join("\n");
+        assert!(errs.contains("--mtu \"70000\""), "{errs}");
+        assert!(errs.contains("--keepalive \"soon\""), "{errs}");
+        assert!(errs.contains("--server-public-key"), "{errs}");
         let cli = Cli::try_parse_from([
             "vpn-shoot-client",
             "--endpoint",
