@@ -290,7 +290,10 @@ impl ProxyContext {
                         }
                         client.relay(&mut upstream).await.map(|_| ())
                     }
-                    Some(body_left) => forward_once(&mut client, &mut upstream, body_left).await,
+                    // Boxed: its state would otherwise grow every connection's future.
+                    Some(body_left) => {
+                        Box::pin(forward_once(&mut client, &mut upstream, body_left)).await
+                    }
                 };
                 drop(open);
                 tracing::debug!(client = %peer, %target, result = ?res, "proxied connection closed");
@@ -412,7 +415,7 @@ async fn forward_once<S: ClientStream>(
         }
     }
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; 4096];
     let (head, used) = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, async {
         loop {
             if let Some(done) = close_response_head(&buf)
