@@ -278,6 +278,26 @@ fn metrics_pass_promtool() {
         !drops.is_empty() && drops.iter().all(|(l, _)| l.starts_with("reason=\"")),
         "drop counters: {drops:?}"
     );
+    for reason in ["rejected", "queue_full", "no_stream"] {
+        assert_eq!(
+            value(
+                &seed,
+                "vpn_seed_frames_dropped_total",
+                &[("reason", reason)]
+            ),
+            0.0,
+            "seed frames dropped ({reason})"
+        );
+        assert_eq!(
+            value(
+                &client,
+                "vpn_shoot_frames_dropped_total",
+                &[("reason", reason)]
+            ),
+            0.0,
+            "client frames dropped ({reason})"
+        );
+    }
     assert!(value(&seed, "vpn_seed_proxy_requests_total", &[("code", "200")]) >= 1.0);
     assert!(value(&seed, "vpn_seed_proxy_requests_total", &[("code", "403")]) >= 1.0);
     assert!(

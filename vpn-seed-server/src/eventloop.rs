@@ -229,6 +229,24 @@ impl Health for Server {
                 st.rejected_messages as f64,
             );
         }
+        let rejected: u64 = peers.iter().map(|p| p.2.rejected_messages).sum();
+        e.family(
+            "vpn_seed_frames_dropped_total",
+            Kind::Counter,
+            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
+        )
+        .sample(
+            "vpn_seed_frames_dropped_total",
+            &[("reason", "rejected")],
+            rejected as f64,
+        );
+        for (reason, n) in s.frame_drops.values() {
+            e.sample(
+                "vpn_seed_frames_dropped_total",
+                &[("reason", reason)],
+                n as f64,
+            );
+        }
         e.single(
             "vpn_seed_streams_accepted_total",
             Kind::Counter,
@@ -657,7 +675,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
                 .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
             {
                 Some(sink) => send_frames(&server, &sink, frames),
-                None => server.stats.drops.inc("queue_full"),
+                None => server.stats.frame_drops.inc("no_stream"),
             }
         }
     }

@@ -44,7 +44,7 @@ pub struct PeerSlot {
 }
 
 /// Why a packet was dropped: the flow table's reasons, then the pump's own.
-pub const DROP_REASONS: [&str; 8] = [
+pub const DROP_REASONS: [&str; 7] = [
     "no_tunnel",
     "table_full",
     "source_not_allowed",
@@ -52,8 +52,12 @@ pub const DROP_REASONS: [&str; 8] = [
     "wrong_tunnel",
     "malformed",
     "not_shoot_network",
-    "queue_full",
 ];
+
+/// Why outgoing frames were dropped: the stream's send queue was full (a stalled stream), or
+/// the stream went away between encryption and sending. Rejected incoming frames are counted
+/// by the sessions.
+pub const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
 
 /// Counters exposed on `/metrics`.
 pub struct Stats {
@@ -64,6 +68,7 @@ pub struct Stats {
     pub streams_accepted: AtomicU64,
     pub streams_rejected: AtomicU64,
     pub drops: ReasonCounters,
+    pub frame_drops: ReasonCounters,
     pub proxy_open: AtomicU64,
     pub proxy_answers: [AtomicU64; 7],
     /// Time from the start of a dial through the TUN to the upstream's accept.
@@ -80,6 +85,7 @@ impl Default for Stats {
             streams_accepted: AtomicU64::new(0),
             streams_rejected: AtomicU64::new(0),
             drops: ReasonCounters::new(&DROP_REASONS),
+            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
             proxy_open: AtomicU64::new(0),
             proxy_answers: Default::default(),
             dial: Histogram::new(&DIAL_BUCKETS),

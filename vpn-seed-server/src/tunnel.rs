@@ -171,7 +171,7 @@ pub fn send_frames(server: &Server, sink: &FrameSink, frames: Bytes) {
             .tunnel_tx_bytes
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     } else {
-        server.stats.drops.inc("queue_full");
+        server.stats.frame_drops.inc("queue_full");
     }
 }
 

@@ -57,7 +57,9 @@ struct TunnelSlot {
 }
 
 /// Why a packet read from the TUN was dropped.
-const DROP_REASONS: [&str; 3] = ["malformed", "no_tunnel", "queue_full"];
+const DROP_REASONS: [&str; 2] = ["malformed", "no_tunnel"];
+/// Why outgoing frames were dropped (rejected incoming frames are counted by the sessions).
+const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
 
 struct Stats {
     tun_rx_packets: AtomicU64,
@@ -65,6 +67,7 @@ struct Stats {
     tunnel_rx_bytes: AtomicU64,
     tunnel_tx_bytes: AtomicU64,
     drops: ReasonCounters,
+    frame_drops: ReasonCounters,
 }
 
 impl Default for Stats {
@@ -75,6 +78,7 @@ impl Default for Stats {
             tunnel_rx_bytes: AtomicU64::new(0),
             tunnel_tx_bytes: AtomicU64::new(0),
             drops: ReasonCounters::new(&DROP_REASONS),
+            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
         }
     }
 }
@@ -98,7 +102,7 @@ impl Client {
         if sink.send(frames) {
             self.stats.tunnel_tx_bytes.fetch_add(n, Ordering::Relaxed);
         } else {
-            self.stats.drops.inc("queue_full");
+            self.stats.frame_drops.inc("queue_full");
         }
     }
 
@@ -234,6 +238,24 @@ impl Health for Client {
                     tx(row) as f64,
                 );
             }
+        }
+        let rejected: u64 = tunnels.iter().map(|r| r.2.rejected_messages).sum();
+        e.family(
+            "vpn_shoot_frames_dropped_total",
+            Kind::Counter,
+            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
+        )
+        .sample(
+            "vpn_shoot_frames_dropped_total",
+            &[("reason", "rejected")],
+            rejected as f64,
+        );
+        for (reason, n) in s.frame_drops.values() {
+            e.sample(
+                "vpn_shoot_frames_dropped_total",
+                &[("reason", reason)],
+                n as f64,
+            );
         }
         e.family(
             "vpn_shoot_stream_bytes_total",
@@ -615,7 +637,7 @@ async fn pump_tun(client: Arc<Client>, mut reader: TunReader) -> Result<()> {
                 .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
             {
                 Some(sink) => client.send_frames(&sink, frames),
-                None => client.stats.drops.inc("no_tunnel"),
+                None => client.stats.frame_drops.inc("no_stream"),
             }
         }
     }
