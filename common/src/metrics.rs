@@ -6,7 +6,9 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::session::{Session, SessionStats};
 
 /// Kind of a metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +248,182 @@ impl ReasonCounters {
     }
 }
 
+/// One tunnel's state for the per-tunnel families of [`expose_tunnels`].
+#[derive(Debug, Clone)]
+pub struct TunnelRow {
+    /// Label value: the peer (seed server) or the seed server (shoot client).
+    pub name: String,
+    /// Stream attached and session established.
+    pub up: bool,
+    /// The session's counters.
+    pub stats: SessionStats,
+    /// Time since the last completed handshake, if any.
+    pub handshake_age: Option<Duration>,
+    /// Time since the last message from the other side.
+    pub received_age: Duration,
+}
+
+impl TunnelRow {
+    /// The row of a session and whether its stream is attached.
+    pub fn of(name: &str, session: &Session, stream_up: bool, now: Instant) -> Self {
+        Self {
+            name: name.to_owned(),
+            up: stream_up && session.is_established(),
+            stats: session.stats(),
+            handshake_age: session.last_handshake_age(),
+            received_age: session.last_received_age(now),
+        }
+    }
+}
+
+/// The per-tunnel families both binaries expose: `<prefix>_tunnel_up`, `_handshakes_total`,
+/// `_last_handshake_age_seconds`, `_last_received_age_seconds`, `_peer_bytes_total`,
+/// `_peer_packets_total` and `_frames_rejected_total`, labelled `<label>="<row name>"`.
+pub fn expose_tunnels(e: &mut Exposition, prefix: &str, label: &str, rows: &[TunnelRow]) {
+    type Value = fn(&TunnelRow) -> Option<f64>;
+    let families: [(&str, Kind, &str, Value); 5] = [
+        (
+            "tunnel_up",
+            Kind::Gauge,
+            "Whether the tunnel has a stream and an established session.",
+            |r| Some(f64::from(u8::from(r.up))),
+        ),
+        (
+            "handshakes_total",
+            Kind::Counter,
+            "WireGuard handshakes completed.",
+            |r| Some(r.stats.handshakes_completed as f64),
+        ),
+        (
+            "last_handshake_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last completed handshake (absent before the first).",
+            |r| r.handshake_age.map(|a| a.as_secs_f64()),
+        ),
+        (
+            "last_received_age_seconds",
+            Kind::Gauge,
+            "Seconds since the last message through the tunnel (dead after --dead-peer-timeout).",
+            |r| Some(r.received_age.as_secs_f64()),
+        ),
+        (
+            "frames_rejected_total",
+            Kind::Counter,
+            "Tunnel messages that failed authentication or decryption.",
+            |r| Some(r.stats.rejected_messages as f64),
+        ),
+    ];
+    for (suffix, kind, help, value) in families {
+        let name = format!("{prefix}_{suffix}");
+        e.family(&name, kind, help);
+        for r in rows {
+            if let Some(v) = value(r) {
+                e.sample(&name, &[(label, &r.name)], v);
+            }
+        }
+    }
+    type Pair = fn(&SessionStats) -> (u64, u64);
+    let directed: [(&str, &str, Pair); 2] = [
+        (
+            "peer_bytes_total",
+            "Inner IP bytes through the tunnel.",
+            |s| (s.rx_bytes, s.tx_bytes),
+        ),
+        (
+            "peer_packets_total",
+            "Inner IP packets through the tunnel.",
+            |s| (s.rx_packets, s.tx_packets),
+        ),
+    ];
+    for (suffix, help, pair) in directed {
+        let name = format!("{prefix}_{suffix}");
+        e.family(&name, Kind::Counter, help);
+        for r in rows {
+            let (rx, tx) = pair(&r.stats);
+            e.sample(&name, &[(label, &r.name), ("direction", "rx")], rx as f64);
+            e.sample(&name, &[(label, &r.name), ("direction", "tx")], tx as f64);
+        }
+    }
+}
+
+/// Data-plane counters both binaries keep: TUN packets, stream bytes, and drops by reason.
+#[derive(Debug)]
+pub struct DataPlaneStats {
+    /// Packets read from the TUN.
+    pub tun_rx_packets: AtomicU64,
+    /// Packets written to the TUN.
+    pub tun_tx_packets: AtomicU64,
+    /// Bytes read from tunnel streams (framed, encrypted).
+    pub tunnel_rx_bytes: AtomicU64,
+    /// Bytes written to tunnel streams.
+    pub tunnel_tx_bytes: AtomicU64,
+    /// Packets dropped, by the binary's reasons.
+    pub drops: ReasonCounters,
+    /// Outgoing frames dropped, by [`FRAME_DROP_REASONS`].
+    pub frame_drops: ReasonCounters,
+}
+
+/// Why outgoing frames were dropped: the stream's send queue was full (a stalled stream), or
+/// the stream went away between encryption and sending. Rejected incoming frames are counted
+/// by the sessions.
+pub const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
+
+impl DataPlaneStats {
+    /// Zeroed counters; packet drops labelled by `drop_reasons`.
+    pub fn new(drop_reasons: &'static [&'static str]) -> Self {
+        Self {
+            tun_rx_packets: AtomicU64::new(0),
+            tun_tx_packets: AtomicU64::new(0),
+            tunnel_rx_bytes: AtomicU64::new(0),
+            tunnel_tx_bytes: AtomicU64::new(0),
+            drops: ReasonCounters::new(drop_reasons),
+            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
+        }
+    }
+
+    /// `<prefix>_stream_bytes_total`, `_tun_packets_total`, `_packets_dropped_total` and
+    /// `_frames_dropped_total` (`rejected` = `rejected` incoming frames, summed over the
+    /// sessions).
+    pub fn expose(&self, e: &mut Exposition, prefix: &str, rejected: u64) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let directed = [
+            (
+                "stream_bytes_total",
+                "Bytes on tunnel streams (framed, encrypted).",
+                &self.tunnel_rx_bytes,
+                &self.tunnel_tx_bytes,
+            ),
+            (
+                "tun_packets_total",
+                "Packets through the TUN device.",
+                &self.tun_rx_packets,
+                &self.tun_tx_packets,
+            ),
+        ];
+        for (suffix, help, rx, tx) in directed {
+            let name = format!("{prefix}_{suffix}");
+            e.family(&name, Kind::Counter, help)
+                .sample(&name, &[("direction", "rx")], g(rx))
+                .sample(&name, &[("direction", "tx")], g(tx));
+        }
+        let name = format!("{prefix}_packets_dropped_total");
+        e.family(&name, Kind::Counter, "Packets dropped, by reason.");
+        for (reason, n) in self.drops.values() {
+            e.sample(&name, &[("reason", reason)], n as f64);
+        }
+        let name = format!("{prefix}_frames_dropped_total");
+        e.family(
+            &name,
+            Kind::Counter,
+            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
+        )
+        .sample(&name, &[("reason", "rejected")], rejected as f64);
+        for (reason, n) in self.frame_drops.values() {
+            e.sample(&name, &[("reason", reason)], n as f64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +484,27 @@ mod tests {
         );
         assert!(text.contains("d_seconds_count{k=\"v\"} 6\n"), "{text}");
         assert!(text.contains("d_seconds_sum{k=\"v\"} 1.056"), "{text}");
+    }
+
+    #[test]
+    fn data_plane_families() {
+        static R: [&str; 1] = ["malformed"];
+        let d = DataPlaneStats::new(&R);
+        d.tun_rx_packets.fetch_add(3, Ordering::Relaxed);
+        d.frame_drops.inc("queue_full");
+        let mut e = Exposition::new();
+        d.expose(&mut e, "x", 2);
+        let text = e.finish();
+        for line in [
+            "x_tun_packets_total{direction=\"rx\"} 3\n",
+            "x_stream_bytes_total{direction=\"tx\"} 0\n",
+            "x_packets_dropped_total{reason=\"malformed\"} 0\n",
+            "x_frames_dropped_total{reason=\"rejected\"} 2\n",
+            "x_frames_dropped_total{reason=\"queue_full\"} 1\n",
+            "x_frames_dropped_total{reason=\"no_stream\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(text.matches("# TYPE").count(), 4);
     }
 }

@@ -17,7 +17,7 @@ use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
-use common::metrics::{Exposition, Kind};
+use common::metrics::{expose_tunnels, Exposition, Kind, TunnelRow};
 use common::packet::PacketView;
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
@@ -106,24 +106,12 @@ impl Health for Server {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
         let now = Instant::now();
         // One pass over the peers; the locks are not held while formatting.
-        let peers: Vec<(
-            String,
-            bool,
-            common::session::SessionStats,
-            Option<Duration>,
-            f64,
-        )> = self
+        let rows: Vec<TunnelRow> = self
             .peers
             .iter()
             .map(|p| {
                 let p = lock(p);
-                (
-                    p.name.clone(),
-                    p.stream.is_some() && p.session.is_established(),
-                    p.session.stats(),
-                    p.session.last_handshake_age(),
-                    p.session.last_received_age(now).as_secs_f64(),
-                )
+                TunnelRow::of(&p.name, &p.session, p.stream.is_some(), now)
             })
             .collect();
         let mut e = Exposition::new();
@@ -133,120 +121,9 @@ impl Health for Server {
             "Tunnels with a stream and an established session.",
             self.live_count() as f64,
         );
-        e.family(
-            "vpn_seed_tunnel_up",
-            Kind::Gauge,
-            "Whether the client's tunnel has a stream and an established session.",
-        );
-        for (name, up, ..) in &peers {
-            e.sample(
-                "vpn_seed_tunnel_up",
-                &[("peer", name)],
-                f64::from(u8::from(*up)),
-            );
-        }
-        e.family(
-            "vpn_seed_handshakes_total",
-            Kind::Counter,
-            "WireGuard handshakes completed with the client.",
-        );
-        for (name, _, st, ..) in &peers {
-            e.sample(
-                "vpn_seed_handshakes_total",
-                &[("peer", name)],
-                st.handshakes_completed as f64,
-            );
-        }
-        e.family(
-            "vpn_seed_last_handshake_age_seconds",
-            Kind::Gauge,
-            "Seconds since the last completed handshake (absent before the first).",
-        );
-        for (name, _, _, age, _) in &peers {
-            if let Some(age) = age {
-                e.sample(
-                    "vpn_seed_last_handshake_age_seconds",
-                    &[("peer", name)],
-                    age.as_secs_f64(),
-                );
-            }
-        }
-        e.family(
-            "vpn_seed_last_received_age_seconds",
-            Kind::Gauge,
-            "Seconds since the last message from the client (dead after --dead-peer-timeout).",
-        );
-        for (name, _, _, _, rx_age) in &peers {
-            e.sample(
-                "vpn_seed_last_received_age_seconds",
-                &[("peer", name)],
-                *rx_age,
-            );
-        }
-        e.family(
-            "vpn_seed_peer_bytes_total",
-            Kind::Counter,
-            "Inner IP bytes through the client's tunnel.",
-        );
-        for (name, _, st, ..) in &peers {
-            e.sample(
-                "vpn_seed_peer_bytes_total",
-                &[("peer", name), ("direction", "rx")],
-                st.rx_bytes as f64,
-            );
-            e.sample(
-                "vpn_seed_peer_bytes_total",
-                &[("peer", name), ("direction", "tx")],
-                st.tx_bytes as f64,
-            );
-        }
-        e.family(
-            "vpn_seed_peer_packets_total",
-            Kind::Counter,
-            "Inner IP packets through the client's tunnel.",
-        );
-        for (name, _, st, ..) in &peers {
-            e.sample(
-                "vpn_seed_peer_packets_total",
-                &[("peer", name), ("direction", "rx")],
-                st.rx_packets as f64,
-            );
-            e.sample(
-                "vpn_seed_peer_packets_total",
-                &[("peer", name), ("direction", "tx")],
-                st.tx_packets as f64,
-            );
-        }
-        e.family(
-            "vpn_seed_frames_rejected_total",
-            Kind::Counter,
-            "Tunnel messages from the client that failed authentication or decryption.",
-        );
-        for (name, _, st, ..) in &peers {
-            e.sample(
-                "vpn_seed_frames_rejected_total",
-                &[("peer", name)],
-                st.rejected_messages as f64,
-            );
-        }
-        let rejected: u64 = peers.iter().map(|p| p.2.rejected_messages).sum();
-        e.family(
-            "vpn_seed_frames_dropped_total",
-            Kind::Counter,
-            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
-        )
-        .sample(
-            "vpn_seed_frames_dropped_total",
-            &[("reason", "rejected")],
-            rejected as f64,
-        );
-        for (reason, n) in s.frame_drops.values() {
-            e.sample(
-                "vpn_seed_frames_dropped_total",
-                &[("reason", reason)],
-                n as f64,
-            );
-        }
+        expose_tunnels(&mut e, "vpn_seed", "peer", &rows);
+        let rejected = rows.iter().map(|r| r.stats.rejected_messages).sum();
+        s.plane.expose(&mut e, "vpn_seed", rejected);
         e.single(
             "vpn_seed_streams_accepted_total",
             Kind::Counter,
@@ -259,48 +136,6 @@ impl Health for Server {
             "Tunnel streams refused or failed (bad preamble, unknown key, bad frame).",
             g(&s.streams_rejected),
         );
-        e.family(
-            "vpn_seed_stream_bytes_total",
-            Kind::Counter,
-            "Bytes on tunnel streams (framed, encrypted).",
-        )
-        .sample(
-            "vpn_seed_stream_bytes_total",
-            &[("direction", "rx")],
-            g(&s.tunnel_rx_bytes),
-        )
-        .sample(
-            "vpn_seed_stream_bytes_total",
-            &[("direction", "tx")],
-            g(&s.tunnel_tx_bytes),
-        );
-        e.family(
-            "vpn_seed_tun_packets_total",
-            Kind::Counter,
-            "Packets through the TUN device.",
-        )
-        .sample(
-            "vpn_seed_tun_packets_total",
-            &[("direction", "rx")],
-            g(&s.tun_rx_packets),
-        )
-        .sample(
-            "vpn_seed_tun_packets_total",
-            &[("direction", "tx")],
-            g(&s.tun_tx_packets),
-        );
-        e.family(
-            "vpn_seed_packets_dropped_total",
-            Kind::Counter,
-            "Packets dropped, by reason.",
-        );
-        for (reason, n) in s.drops.values() {
-            e.sample(
-                "vpn_seed_packets_dropped_total",
-                &[("reason", reason)],
-                n as f64,
-            );
-        }
         e.family(
             "vpn_seed_proxy_requests_total",
             Kind::Counter,
@@ -625,6 +460,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
         let n = reader.recv().await.context("TUN read")?;
         server
             .stats
+            .plane
             .tun_rx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
         let now = Instant::now();
@@ -632,14 +468,14 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
             let view = match PacketView::parse(pkt) {
                 Ok(v) => v,
                 Err(_) => {
-                    server.stats.drops.inc("malformed");
+                    server.stats.plane.drops.inc("malformed");
                     continue;
                 }
             };
             if !server.shoot_networks.contains(view.dst()) {
                 // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
                 // someone else: nothing outside the shoot networks enters the tunnel.
-                server.stats.drops.inc("not_shoot_network");
+                server.stats.plane.drops.inc("not_shoot_network");
                 continue;
             }
             let pinned = {
@@ -649,7 +485,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
             let id: TunnelId = match pinned {
                 Ok(id) => id,
                 Err(reason) => {
-                    server.stats.drops.inc(reason.reason());
+                    server.stats.plane.drops.inc(reason.reason());
                     tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
                     continue;
                 }
@@ -675,7 +511,7 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
                 .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
             {
                 Some(sink) => send_frames(&server, &sink, frames),
-                None => server.stats.frame_drops.inc("no_stream"),
+                None => server.stats.plane.frame_drops.inc("no_stream"),
             }
         }
     }

@@ -9,7 +9,7 @@ use common::cidr::CidrSet;
 use common::flow::{FlowTable, TunnelId};
 use common::hub::Hub;
 use common::io::framed::FrameSink;
-use common::metrics::{Histogram, ReasonCounters, DIAL_BUCKETS};
+use common::metrics::{DataPlaneStats, Histogram, DIAL_BUCKETS};
 use common::session::Session;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -54,21 +54,12 @@ pub const DROP_REASONS: [&str; 7] = [
     "not_shoot_network",
 ];
 
-/// Why outgoing frames were dropped: the stream's send queue was full (a stalled stream), or
-/// the stream went away between encryption and sending. Rejected incoming frames are counted
-/// by the sessions.
-pub const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
-
 /// Counters exposed on `/metrics`.
 pub struct Stats {
-    pub tun_rx_packets: AtomicU64,
-    pub tun_tx_packets: AtomicU64,
-    pub tunnel_rx_bytes: AtomicU64,
-    pub tunnel_tx_bytes: AtomicU64,
+    /// TUN packets, stream bytes, drops.
+    pub plane: DataPlaneStats,
     pub streams_accepted: AtomicU64,
     pub streams_rejected: AtomicU64,
-    pub drops: ReasonCounters,
-    pub frame_drops: ReasonCounters,
     pub proxy_open: AtomicU64,
     pub proxy_answers: [AtomicU64; 7],
     /// Time from the start of a dial through the TUN to the upstream's accept.
@@ -78,14 +69,9 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Self {
-            tun_rx_packets: AtomicU64::new(0),
-            tun_tx_packets: AtomicU64::new(0),
-            tunnel_rx_bytes: AtomicU64::new(0),
-            tunnel_tx_bytes: AtomicU64::new(0),
+            plane: DataPlaneStats::new(&DROP_REASONS),
             streams_accepted: AtomicU64::new(0),
             streams_rejected: AtomicU64::new(0),
-            drops: ReasonCounters::new(&DROP_REASONS),
-            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
             proxy_open: AtomicU64::new(0),
             proxy_answers: Default::default(),
             dial: Histogram::new(&DIAL_BUCKETS),

@@ -155,7 +155,7 @@ fn admit_inbound(server: &Server, id: TunnelId, view: &PacketView) -> bool {
     match verdict {
         Ok(()) => true,
         Err(reason) => {
-            server.stats.drops.inc(reason.reason());
+            server.stats.plane.drops.inc(reason.reason());
             tracing::trace!(src = %view.src(), dst = %view.dst(), reason = reason.reason(), "dropped packet from tunnel");
             false
         }
@@ -168,10 +168,11 @@ pub fn send_frames(server: &Server, sink: &FrameSink, frames: Bytes) {
     if sink.send(frames) {
         server
             .stats
+            .plane
             .tunnel_tx_bytes
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     } else {
-        server.stats.frame_drops.inc("queue_full");
+        server.stats.plane.frame_drops.inc("queue_full");
     }
 }
 
@@ -181,6 +182,7 @@ async fn flush_tun(tun: &mut TunWriter, server: &Server) {
         Ok(()) => {
             server
                 .stats
+                .plane
                 .tun_tx_packets
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
@@ -217,7 +219,7 @@ async fn read_loop(
                 Instant::now(),
                 &mut to_net,
                 &mut tun,
-                &server.stats.tunnel_rx_bytes,
+                &server.stats.plane.tunnel_rx_bytes,
                 |view| admit_inbound(&server, id, view),
             )
             .context("tunnel stream")?;

@@ -2,7 +2,7 @@
 //! session timers and the health endpoint, all sharing one TUN.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,9 @@ use common::io::health::Health;
 use common::io::netlink::Netlink;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, TunReader, TunWriter, GSO_MAX_SIZE};
-use common::metrics::{Exposition, Kind, ReasonCounters};
+use common::metrics::{expose_tunnels, DataPlaneStats, Exposition, Kind, TunnelRow};
 use common::packet::PacketView;
-use common::session::{Session, SessionConfig, SessionStats};
+use common::session::{Session, SessionConfig};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
@@ -58,37 +58,13 @@ struct TunnelSlot {
 
 /// Why a packet read from the TUN was dropped.
 const DROP_REASONS: [&str; 2] = ["malformed", "no_tunnel"];
-/// Why outgoing frames were dropped (rejected incoming frames are counted by the sessions).
-const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
-
-struct Stats {
-    tun_rx_packets: AtomicU64,
-    tun_tx_packets: AtomicU64,
-    tunnel_rx_bytes: AtomicU64,
-    tunnel_tx_bytes: AtomicU64,
-    drops: ReasonCounters,
-    frame_drops: ReasonCounters,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            tun_rx_packets: AtomicU64::new(0),
-            tun_tx_packets: AtomicU64::new(0),
-            tunnel_rx_bytes: AtomicU64::new(0),
-            tunnel_tx_bytes: AtomicU64::new(0),
-            drops: ReasonCounters::new(&DROP_REASONS),
-            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
-        }
-    }
-}
 
 struct Client {
     tunnels: Vec<Mutex<TunnelSlot>>,
     /// Readiness needs every tunnel up (else at least one).
     ready_when_all: bool,
     flows: Mutex<FlowTable>,
-    stats: Stats,
+    stats: DataPlaneStats,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,168 +113,34 @@ impl Health for Client {
     }
 
     fn metrics(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
-        let s = &self.stats;
         let now = Instant::now();
-        type Row = (String, bool, SessionStats, Option<Duration>, f64, u64);
-        let tunnels: Vec<Row> = self
+        let (rows, reconnects): (Vec<TunnelRow>, Vec<u64>) = self
             .tunnels
             .iter()
             .map(|t| {
                 let t = lock(t);
                 (
-                    t.name.clone(),
-                    t.stream.is_some() && t.session.is_established(),
-                    t.session.stats(),
-                    t.session.last_handshake_age(),
-                    t.session.last_received_age(now).as_secs_f64(),
+                    TunnelRow::of(&t.name, &t.session, t.stream.is_some(), now),
                     t.reconnects,
                 )
             })
-            .collect();
+            .unzip();
         let mut e = Exposition::new();
-        let per = |e: &mut Exposition,
-                   name: &str,
-                   kind: Kind,
-                   help: &str,
-                   v: &dyn Fn(&Row) -> Option<f64>| {
-            e.family(name, kind, help);
-            for row in &tunnels {
-                if let Some(x) = v(row) {
-                    e.sample(name, &[("server", &row.0)], x);
-                }
-            }
-        };
-        per(
-            &mut e,
-            "vpn_shoot_tunnel_up",
-            Kind::Gauge,
-            "Whether the tunnel to the seed server has a stream and an established session.",
-            &|r| Some(f64::from(u8::from(r.1))),
-        );
-        per(
-            &mut e,
-            "vpn_shoot_handshakes_total",
-            Kind::Counter,
-            "WireGuard handshakes completed with the seed server.",
-            &|r| Some(r.2.handshakes_completed as f64),
-        );
-        per(
-            &mut e,
-            "vpn_shoot_last_handshake_age_seconds",
-            Kind::Gauge,
-            "Seconds since the last completed handshake (absent before the first).",
-            &|r| r.3.map(|a| a.as_secs_f64()),
-        );
-        per(
-            &mut e,
-            "vpn_shoot_last_received_age_seconds",
-            Kind::Gauge,
-            "Seconds since the last message from the seed server (dead after --dead-peer-timeout).",
-            &|r| Some(r.4),
-        );
-        per(
-            &mut e,
+        expose_tunnels(&mut e, "vpn_shoot", "server", &rows);
+        e.family(
             "vpn_shoot_reconnects_total",
             Kind::Counter,
             "Tunnel streams opened after the first.",
-            &|r| Some(r.5 as f64),
         );
-        per(
-            &mut e,
-            "vpn_shoot_frames_rejected_total",
-            Kind::Counter,
-            "Tunnel messages from the seed server that failed authentication or decryption.",
-            &|r| Some(r.2.rejected_messages as f64),
-        );
-        for (name, help, rx, tx) in [
-            (
-                "vpn_shoot_peer_bytes_total",
-                "Inner IP bytes through the tunnel.",
-                (|r: &Row| r.2.rx_bytes) as fn(&Row) -> u64,
-                (|r: &Row| r.2.tx_bytes) as fn(&Row) -> u64,
-            ),
-            (
-                "vpn_shoot_peer_packets_total",
-                "Inner IP packets through the tunnel.",
-                |r: &Row| r.2.rx_packets,
-                |r: &Row| r.2.tx_packets,
-            ),
-        ] {
-            e.family(name, Kind::Counter, help);
-            for row in &tunnels {
-                e.sample(
-                    name,
-                    &[("server", &row.0), ("direction", "rx")],
-                    rx(row) as f64,
-                );
-                e.sample(
-                    name,
-                    &[("server", &row.0), ("direction", "tx")],
-                    tx(row) as f64,
-                );
-            }
-        }
-        let rejected: u64 = tunnels.iter().map(|r| r.2.rejected_messages).sum();
-        e.family(
-            "vpn_shoot_frames_dropped_total",
-            Kind::Counter,
-            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
-        )
-        .sample(
-            "vpn_shoot_frames_dropped_total",
-            &[("reason", "rejected")],
-            rejected as f64,
-        );
-        for (reason, n) in s.frame_drops.values() {
+        for (r, n) in rows.iter().zip(reconnects) {
             e.sample(
-                "vpn_shoot_frames_dropped_total",
-                &[("reason", reason)],
+                "vpn_shoot_reconnects_total",
+                &[("server", &r.name)],
                 n as f64,
             );
         }
-        e.family(
-            "vpn_shoot_stream_bytes_total",
-            Kind::Counter,
-            "Bytes on tunnel streams (framed, encrypted).",
-        )
-        .sample(
-            "vpn_shoot_stream_bytes_total",
-            &[("direction", "rx")],
-            g(&s.tunnel_rx_bytes),
-        )
-        .sample(
-            "vpn_shoot_stream_bytes_total",
-            &[("direction", "tx")],
-            g(&s.tunnel_tx_bytes),
-        );
-        e.family(
-            "vpn_shoot_tun_packets_total",
-            Kind::Counter,
-            "Packets through the TUN device.",
-        )
-        .sample(
-            "vpn_shoot_tun_packets_total",
-            &[("direction", "rx")],
-            g(&s.tun_rx_packets),
-        )
-        .sample(
-            "vpn_shoot_tun_packets_total",
-            &[("direction", "tx")],
-            g(&s.tun_tx_packets),
-        );
-        e.family(
-            "vpn_shoot_packets_dropped_total",
-            Kind::Counter,
-            "Packets from the TUN dropped, by reason.",
-        );
-        for (reason, n) in s.drops.values() {
-            e.sample(
-                "vpn_shoot_packets_dropped_total",
-                &[("reason", reason)],
-                n as f64,
-            );
-        }
+        let rejected = rows.iter().map(|r| r.stats.rejected_messages).sum();
+        self.stats.expose(&mut e, "vpn_shoot", rejected);
         e.single(
             "vpn_shoot_flows",
             Kind::Gauge,
@@ -382,7 +224,7 @@ pub async fn run(
         tunnels,
         ready_when_all: cfg.ready_when_all,
         flows: Mutex::new(FlowTable::new(FlowConfig::default())),
-        stats: Stats::default(),
+        stats: DataPlaneStats::new(&DROP_REASONS),
     });
     let (tun, net) = setup_network(&cfg).await?;
     tracing::info!(tun = %cfg.tun_name, endpoint = %format!("{}:{}", cfg.endpoint_host, cfg.endpoint_port), servers = ?cfg.header_values, "shoot client up");
