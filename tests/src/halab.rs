@@ -29,13 +29,13 @@ use anyhow::{bail, Context, Result};
 use crate::client::{connect_uds, http_get, read_head, status_of};
 use crate::env::try_bin;
 use crate::lab::{
-    gen_key, KeyPair, CLIENT_METRICS, INGRESS, NODE_NETWORKS, POD_INDEX, POD_NETWORKS, POD_PORT,
-    SEED_METRICS, SERVICE_NETWORKS, START_TIMEOUT, VPN_NETWORK,
+    gen_key, pod_server_args, KeyPair, CLIENT_METRICS, INGRESS, NODE_NETWORKS, POD_INDEX,
+    POD_NETWORKS, POD_PORT, SEED_METRICS, SERVICE_NETWORKS, START_TIMEOUT, VPN_NETWORK,
 };
 use crate::netns::{unique_prefix, veth, Netns};
-use crate::proc::{Proc, Procs};
+use crate::proc::{wait_running, Proc, Procs};
 use crate::tmp::TempDir;
-use crate::wait::{http_status, is_listening, POLL};
+use crate::wait::{http_status, is_listening};
 
 /// Tunnel listeners of seed server 0 and 1.
 pub const SEED_TUNNELS: [&str; 2] = ["192.168.77.1:1194", "192.168.78.1:1194"];
@@ -334,31 +334,17 @@ impl HaLab {
         &mut self,
         timeout: Duration,
         what: &str,
-        mut cond: impl FnMut(&Self) -> bool,
+        cond: impl FnMut(&Self) -> bool,
     ) -> Result<Duration> {
-        let start = Instant::now();
-        loop {
-            if cond(self) {
-                return Ok(start.elapsed());
-            }
-            if let Some((name, st, log)) = self.procs.first_exited(None) {
-                bail!("{name} exited ({st}) while waiting for {what}; its log:\n{log}");
-            }
-            if start.elapsed() >= timeout {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            std::thread::sleep(POLL);
-        }
+        wait_running(self, |l| &mut l.procs, None, timeout, what, cond)
     }
 
     /// Starts the pod's HTTP server on `[::]:8080` and waits until it listens.
     pub fn start_pod_server(&mut self) -> Result<Duration> {
-        let www = self.dir().join("pod-www").display().to_string();
-        let listen = format!("[::]:{POD_PORT}");
-        let args = strings(&["--listen", &listen, "--dir", &www]);
+        let args = pod_server_args(&self.dir().join("pod-www"));
         let ns_name = self.pod.name().to_owned();
         self.spawn_in("podserver", &ns_name, &try_bin("podserver")?, &args)?;
-        let addr: SocketAddr = listen.parse()?;
+        let addr: SocketAddr = format!("[::]:{POD_PORT}").parse()?;
         self.wait_for(START_TIMEOUT, "the pod server to listen", |l| {
             is_listening(&l.pod, addr)
         })

@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
@@ -26,9 +26,9 @@ use sha2::{Digest, Sha256};
 use crate::env::try_bin;
 use crate::netns::{self, unique_prefix, veth, Netns};
 use crate::pki::{write_secret, Pki};
-use crate::proc::{Proc, Procs};
+use crate::proc::{wait_running, Proc, Procs};
 use crate::tmp::TempDir;
-use crate::wait::{http_status, is_listening, POLL};
+use crate::wait::{http_status, is_listening};
 
 /// Seed server tunnel listener (in `seed`).
 pub const SEED_TUNNEL: &str = "192.168.77.1:1194";
@@ -263,33 +263,15 @@ impl Lab {
         name: &str,
         timeout: Duration,
         what: &str,
-        mut cond: impl FnMut(&Self) -> bool,
+        cond: impl FnMut(&Self) -> bool,
     ) -> Result<Duration> {
-        let start = Instant::now();
-        loop {
-            if cond(self) {
-                return Ok(start.elapsed());
-            }
-            if let Some((_, st, log)) = self.procs.first_exited(Some(name)) {
-                bail!("{name} exited ({st}) while waiting for {what}; its log:\n{log}");
-            }
-            if start.elapsed() >= timeout {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            std::thread::sleep(POLL);
-        }
+        wait_running(self, |l| &mut l.procs, Some(name), timeout, what, cond)
     }
 
     /// Starts the pod's HTTP server on `[::]:8080` and waits until it listens.
     pub fn start_pod_server(&mut self) -> Result<Duration> {
         let bin = try_bin("podserver")?;
-        let www = self.dir().join("pod-www");
-        let args = vec![
-            "--listen".into(),
-            format!("[::]:{POD_PORT}"),
-            "--dir".into(),
-            www.display().to_string(),
-        ];
+        let args = pod_server_args(&self.dir().join("pod-www"));
         let ns_name = self.pod.name().to_owned();
         self.spawn_in("podserver", &ns_name, &bin, &args)?;
         let addr: SocketAddr = format!("[::]:{POD_PORT}").parse()?;
@@ -308,13 +290,7 @@ impl Lab {
         };
         let ns_name = local.name().to_owned();
         let bin = try_bin("podserver")?;
-        let www = self.dir().join("local-www");
-        let args = vec![
-            "--listen".into(),
-            format!("[::]:{POD_PORT}"),
-            "--dir".into(),
-            www.display().to_string(),
-        ];
+        let args = pod_server_args(&self.dir().join("local-www"));
         self.spawn_in("localserver", &ns_name, &bin, &args)?;
         let addr: SocketAddr = format!("[::]:{POD_PORT}").parse()?;
         self.wait_proc(
@@ -366,6 +342,16 @@ impl Lab {
         self.seed_key = Some(s.clone());
         self.client_key = Some(c.clone());
         Ok((s, c))
+    }
+
+    /// Arguments of the pod server (`podserver`) listening on `[::]:8080` and serving `www`.
+    pub fn pod_server_args(www: &Path) -> Vec<String> {
+        vec![
+            "--listen".into(),
+            format!("[::]:{POD_PORT}"),
+            "--dir".into(),
+            www.display().to_string(),
+        ]
     }
 
     /// Generates a key pair `<dir>/<name>.key` with the shoot client's subcommands.
@@ -599,6 +585,16 @@ impl Lab {
         self.dir.keep();
         self.dir.path().to_owned()
     }
+}
+
+/// Arguments of the pod server (`podserver`) listening on `[::]:8080` and serving `www`.
+pub fn pod_server_args(www: &Path) -> Vec<String> {
+    vec![
+        "--listen".into(),
+        format!("[::]:{POD_PORT}"),
+        "--dir".into(),
+        www.display().to_string(),
+    ]
 }
 
 /// Generates a key pair `<dir>/<name>.key` with `vpn-shoot-client keygen` / `pubkey`.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::netns::Netns;
+use crate::wait::POLL;
 
 /// How long [`Proc`]'s drop waits after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -280,6 +281,31 @@ impl Procs {
                 p.log()
             );
         }
+    }
+}
+
+/// Polls `cond(owner)` every [`POLL`] up to `timeout`; fails early, with its log, when a
+/// process of the owner's set (only `only`, if given) exits meanwhile.
+pub fn wait_running<T>(
+    owner: &mut T,
+    procs: fn(&mut T) -> &mut Procs,
+    only: Option<&str>,
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut(&T) -> bool,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond(owner) {
+            return Ok(start.elapsed());
+        }
+        if let Some((name, st, log)) = procs(owner).first_exited(only) {
+            anyhow::bail!("{name} exited ({st}) while waiting for {what}; its log:\n{log}");
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
     }
 }
 
