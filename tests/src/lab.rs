@@ -344,16 +344,6 @@ impl Lab {
         Ok((s, c))
     }
 
-    /// Arguments of the pod server (`podserver`) listening on `[::]:8080` and serving `www`.
-    pub fn pod_server_args(www: &Path) -> Vec<String> {
-        vec![
-            "--listen".into(),
-            format!("[::]:{POD_PORT}"),
-            "--dir".into(),
-            www.display().to_string(),
-        ]
-    }
-
     /// Generates a key pair `<dir>/<name>.key` with the shoot client's subcommands.
     pub fn gen_key(&self, name: &str) -> Result<KeyPair> {
         gen_key(self.dir(), name)
