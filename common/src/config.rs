@@ -105,9 +105,69 @@ pub fn duration(s: &str) -> Result<Flag<Duration>, std::convert::Infallible> {
     ))
 }
 
+/// Parses a byte size: a number with an optional `KiB`, `MiB` or `GiB` suffix.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, mul) = [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        .iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim(), *m)))
+        .unwrap_or((t, 1));
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{s:?}: not a size (e.g. 4MiB, 512KiB, 65536)"));
+    }
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+/// Lenient parser of byte sizes like `4MiB` (see [`parse_bytes`]).
+pub fn bytes(s: &str) -> Result<Flag<usize>, std::convert::Infallible> {
+    Ok(Flag(parse_bytes(s)))
+}
+
+/// Lenient parser of an octal file mode like `0660` or `660` (at most `0777`).
+pub fn file_mode(s: &str) -> Result<Flag<u32>, std::convert::Infallible> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    Ok(Flag(
+        u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777 && !digits.is_empty())
+            .ok_or_else(|| format!("{s:?}: not an octal mode (e.g. 0660)")),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_modes() {
+        assert_eq!(parse_bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes(" 512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "+5",
+            "1.5MiB",
+            "4MB",
+            "99999999999999999999999",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        let mut errs = Vec::new();
+        assert_eq!(file_mode("0660").unwrap().get("m", &mut errs), Some(0o660));
+        assert_eq!(file_mode("600").unwrap().get("m", &mut errs), Some(0o600));
+        assert_eq!(file_mode("0o640").unwrap().get("m", &mut errs), Some(0o640));
+        assert!(errs.is_empty());
+        for bad in ["", "0888", "1777", "rw"] {
+            assert_eq!(file_mode(bad).unwrap().get("m", &mut errs), None, "{bad}");
+        }
+    }
 
     #[test]
     fn lenient_flags_collect_every_error() {

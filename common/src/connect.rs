@@ -39,6 +39,53 @@ pub enum HeadError {
     /// A header value or request target contains CR, LF or other control bytes.
     #[error("invalid header value for {0:?}")]
     InvalidHeaderValue(String),
+    /// A line of a request head does not end in CRLF (a bare LF or CR): parsers disagree on
+    /// such heads, so they are refused.
+    #[error("request head line not ended by CRLF")]
+    BareLineEnding,
+    /// A CONNECT request that announces a body, or repeats `Host`: ambiguous, refused.
+    #[error("ambiguous CONNECT request: {0}")]
+    AmbiguousConnect(&'static str),
+}
+
+/// Whether every CR in `head` is followed by LF and every LF preceded by CR.
+fn crlf_only(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if prev != b'\r' => return false,
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
+            _ => {}
+        }
+        prev = b;
+    }
+    true
+}
+
+/// Checks a CONNECT request head beyond its syntax: no body (`Transfer-Encoding`, or a
+/// `Content-Length` other than `0`), at most one `Host`.
+pub fn check_connect(head: &RequestHead) -> Result<(), HeadError> {
+    let count = |name: &str| {
+        head.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+    };
+    if count("transfer-encoding") > 0 {
+        return Err(HeadError::AmbiguousConnect("Transfer-Encoding"));
+    }
+    if head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .any(|(_, v)| v.as_slice() != b"0")
+    {
+        return Err(HeadError::AmbiguousConnect("Content-Length"));
+    }
+    if count("host") > 1 {
+        return Err(HeadError::AmbiguousConnect("more than one Host"));
+    }
+    Ok(())
 }
 
 /// A parsed HTTP/1.x request head.
@@ -110,6 +157,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadErr
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let res = req.parse(window);
+    if let Ok(httparse::Status::Complete(n)) = res {
+        if !crlf_only(window.get(..n).unwrap_or(&[])) {
+            return Err(HeadError::BareLineEnding);
+        }
+    }
     map_parse(buf, res, |_| RequestHead {
         method: req.method.unwrap_or_default().to_owned(),
         target: req.path.unwrap_or_default().to_owned(),
@@ -295,6 +347,41 @@ mod tests {
     use proptest::prelude::*;
 
     const KUBE: &[u8] = b"CONNECT 100.96.1.10:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+    #[test]
+    fn bare_line_endings_and_ambiguous_connects_are_refused() {
+        for raw in [
+            &b"CONNECT 10.0.0.1:80 HTTP/1.1\nHost: x\r\n\r\n"[..],
+            b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nHost: x\n\n",
+            b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nHost: x\r\n\n",
+            b"GET http://10.0.0.1/ HTTP/1.1\r\nX: a\rb\r\n\r\n",
+        ] {
+            assert!(
+                parse_request(raw).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let ok = |raw: &str| parse_request(raw.as_bytes()).unwrap().unwrap().0;
+        assert_eq!(
+            check_connect(&ok(std::str::from_utf8(KUBE).unwrap())),
+            Ok(())
+        );
+        assert_eq!(
+            check_connect(&ok("CONNECT a:1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n")),
+            Ok(())
+        );
+        for raw in [
+            "CONNECT a:1 HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "CONNECT a:1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "CONNECT a:1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            assert!(
+                matches!(check_connect(&ok(raw)), Err(HeadError::AmbiguousConnect(_))),
+                "{raw}"
+            );
+        }
+    }
 
     #[test]
     fn kube_apiserver_request() {

@@ -79,17 +79,21 @@ pub enum DropReason {
     WrongTunnel,
     /// Transport header too short to classify.
     Malformed,
+    /// An ICMP error from a tunnel about a known flow, addressed to someone other than the
+    /// flow's seed-side endpoint.
+    WrongDestination,
 }
 
 impl DropReason {
     /// Every reason, e.g. to pre-register metric labels.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoTunnel,
         DropReason::TableFull,
         DropReason::SourceNotAllowed,
         DropReason::UnknownFlow,
         DropReason::WrongTunnel,
         DropReason::Malformed,
+        DropReason::WrongDestination,
     ];
 
     /// Stable snake_case name for metric labels and logs.
@@ -101,6 +105,7 @@ impl DropReason {
             DropReason::UnknownFlow => "unknown_flow",
             DropReason::WrongTunnel => "wrong_tunnel",
             DropReason::Malformed => "malformed",
+            DropReason::WrongDestination => "wrong_destination",
         }
     }
 }
@@ -435,8 +440,10 @@ impl FlowTable {
     ///
     /// Its source must lie in `allowed_src` (the shoot networks; include the VPN network if
     /// ICMP errors from the shoot client itself should pass). It must be a reply to a known flow
-    /// pinned to `from` — a bare TCP SYN never is — or an ICMP error about such a flow, or a
-    /// later fragment of an admitted first fragment.
+    /// pinned to `from` — a bare TCP SYN never is — or an ICMP error about such a flow addressed
+    /// to the flow's seed-side endpoint, or a later fragment of an admitted first fragment. So
+    /// every packet admitted is addressed to the seed-side endpoint of a known flow: nothing from
+    /// the shoot can reach another address of the seed (where its kernel forwards).
     pub fn inbound(
         &mut self,
         pkt: &PacketView<'_>,
@@ -452,6 +459,8 @@ impl FlowTable {
             return match self.tunnel_of(&inner) {
                 None => Err(DropReason::UnknownFlow),
                 Some(t) if t != from => Err(DropReason::WrongTunnel),
+                // The quoted packet is the seed's: its source is the flow's seed endpoint.
+                Some(_) if pkt.dst() != inner.src => Err(DropReason::WrongDestination),
                 Some(_) => Ok(()),
             };
         }
@@ -580,7 +589,8 @@ mod tests {
                 "source_not_allowed",
                 "unknown_flow",
                 "wrong_tunnel",
-                "malformed"
+                "malformed",
+                "wrong_destination"
             ]
         );
         assert_eq!(DropReason::TableFull.to_string(), "table_full");
@@ -730,6 +740,15 @@ mod tests {
             t.inbound(&view(&err2), tun, &nets, now),
             Err(DropReason::UnknownFlow)
         );
+        // Quoting a live flow, but addressed to another seed-side address: never admitted.
+        for dst in ["10.0.0.1", "192.168.123.2", "127.0.0.1", POD] {
+            let misdirected = v4("100.96.0.1", dst, PROTO_ICMP, &icmp(3, 3, 0, &out[..28]));
+            assert_eq!(
+                t.inbound(&view(&misdirected), tun, &nets, now),
+                Err(DropReason::WrongDestination),
+                "{dst}"
+            );
+        }
         let garbage = v4("100.96.0.1", SEED, PROTO_ICMP, &icmp(3, 3, 0, &[0x45, 0]));
         assert_eq!(
             t.inbound(&view(&garbage), tun, &nets, now),
@@ -769,6 +788,16 @@ mod tests {
             &icmp(2, 0, 0, &out),
         );
         assert_eq!(t.inbound(&view(&ptb), tun, &nets, now), Ok(()));
+        let ptb_elsewhere = v6(
+            "fd00:10::1",
+            "fd8f:6d53:b97a:1::2",
+            PROTO_ICMPV6,
+            &icmp(2, 0, 0, &out),
+        );
+        assert_eq!(
+            t.inbound(&view(&ptb_elsewhere), tun, &nets, now),
+            Err(DropReason::WrongDestination)
+        );
     }
 
     #[test]

@@ -30,9 +30,18 @@ pub enum ForwardError {
     /// Chunked request bodies are not forwarded.
     #[error("request bodies with Transfer-Encoding are not supported")]
     Chunked,
-    /// `Content-Length` is malformed, repeated with different values or above [`MAX_BODY`].
-    #[error("bad or too large Content-Length (at most {MAX_BODY} bytes)")]
+    /// `Content-Length` is not one run of digits, appears more than once, or is above
+    /// [`MAX_BODY`].
+    #[error(
+        "bad, repeated or too large Content-Length (one value of digits, at most {MAX_BODY} bytes)"
+    )]
     ContentLength,
+    /// `Host` appears more than once.
+    #[error("more than one Host header")]
+    DuplicateHost,
+    /// `Connection` names a header that frames or routes the request.
+    #[error("Connection names {0}, which frames or routes the request")]
+    ConnectionOption(String),
 }
 
 /// A request to forward.
@@ -125,40 +134,60 @@ pub fn forward_request(head: &RequestHead) -> Result<Forward, ForwardError> {
     {
         return Err(ForwardError::Chunked);
     }
-    let mut body_len = None;
-    for (_, v) in head
+    let mut lengths = head
         .headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v);
+    let body_len = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(v), None) => content_length(v).ok_or(ForwardError::ContentLength)?,
+        (Some(_), Some(_)) => return Err(ForwardError::ContentLength),
+    };
+    if head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .count()
+        > 1
     {
-        let n = std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or(ForwardError::ContentLength)?;
-        if body_len.is_some_and(|b| b != n) || n > MAX_BODY {
-            return Err(ForwardError::ContentLength);
-        }
-        body_len = Some(n);
+        return Err(ForwardError::DuplicateHost);
     }
     let listed = connection_options(&head.headers);
+    if let Some(bad) = listed
+        .iter()
+        .find(|o| matches!(o.as_str(), "content-length" | "host" | "transfer-encoding"))
+    {
+        return Err(ForwardError::ConnectionOption(bad.clone()));
+    }
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !head
-        .headers
-        .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("host"))
-    {
-        out.extend_from_slice(format!("Host: {}\r\n", host_header(&target)).as_bytes());
-    }
-    end_head(&mut out, &head.headers, |name| is_hop_by_hop(name, &listed));
+    // RFC 9112 §3.2.2: a proxy replaces Host with the authority of the absolute-form target.
+    out.extend_from_slice(format!("Host: {}\r\n", host_header(&target)).as_bytes());
+    end_head(&mut out, &head.headers, |name| {
+        name.eq_ignore_ascii_case("host") || is_hop_by_hop(name, &listed)
+    });
     Ok(Forward {
         target,
         head: out,
-        body_len: body_len.unwrap_or(0),
+        body_len,
     })
+}
+
+/// A `Content-Length` value: ASCII digits only (RFC 9110 §8.6), no sign, no list, at most
+/// [`MAX_BODY`]. Surrounding whitespace is not part of a field value (httparse strips it).
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_BODY)
 }
 
 /// Appends the headers that `drop` does not reject, `Connection: close` and the blank line.
@@ -338,6 +367,65 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(ok.body_len, 5);
+    }
+
+    #[test]
+    fn smuggling_variants_are_refused() {
+        let err = |raw: &str| forward_request(&head(raw)).unwrap_err();
+        for cl in ["+5", "-1", "5 5", "5,5", "0x5", "5.0", "1e3", "\u{661}"] {
+            assert_eq!(
+                err(&format!(
+                    "POST http://10.0.0.1/ HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n"
+                )),
+                ForwardError::ContentLength,
+                "{cl}"
+            );
+        }
+        assert_eq!(
+            err("POST http://10.0.0.1/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"),
+            ForwardError::ContentLength
+        );
+        assert_eq!(
+            err("POST http://10.0.0.1/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            ForwardError::Chunked
+        );
+        assert_eq!(
+            err("POST http://10.0.0.1/ HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"),
+            ForwardError::Chunked
+        );
+        assert_eq!(
+            err("GET http://10.0.0.1/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            ForwardError::DuplicateHost
+        );
+        assert_eq!(
+            err("POST http://10.0.0.1/ HTTP/1.1\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n"),
+            ForwardError::ConnectionOption("content-length".into())
+        );
+        assert_eq!(
+            err("GET http://10.0.0.1/ HTTP/1.1\r\nConnection: close, host\r\n\r\n"),
+            ForwardError::ConnectionOption("host".into())
+        );
+        // Leading zeros are digits: 5 bytes.
+        let f = forward_request(&head(
+            "POST http://10.0.0.1/ HTTP/1.1\r\nContent-Length: 005\r\n\r\n",
+        ))
+        .unwrap();
+        assert_eq!(f.body_len, 5);
+    }
+
+    #[test]
+    fn host_is_the_target_authority() {
+        // The client's own Host names something else: the upstream gets the target's.
+        let f = forward_request(&head(
+            "GET http://100.96.1.10:8080/x HTTP/1.1\r\nHost: internal.seed.local\r\nAccept: */*\r\n\r\n",
+        ))
+        .unwrap();
+        let t = text(&f.head);
+        assert_eq!(
+            t,
+            "GET /x HTTP/1.1\r\nHost: 100.96.1.10:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(t.matches("Host:").count(), 1);
     }
 
     #[test]

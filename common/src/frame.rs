@@ -32,6 +32,9 @@ pub enum FrameError {
     /// A frame length of zero or above the maximum.
     #[error("bad frame length {0}")]
     BadLength(usize),
+    /// A version-2 preamble with instance id zero.
+    #[error("preamble with instance id 0")]
+    ZeroInstance,
 }
 
 /// Checks a received preamble.

@@ -7,6 +7,11 @@
 //! [`Hub::identify`] only *names* the peer; the stream belongs to that peer once the peer's
 //! [`Session`] accepted the same message (`decapsulate` returned `Ok`). Only then may it
 //! replace the peer's older stream, so a forged first message cannot take over a peer.
+//!
+//! Before that, a version-2 preamble may already name the peer ([`Hub::authenticate_preamble`]:
+//! one HMAC with a key derived once per peer, no Diffie-Hellman work): the server then knows
+//! the stream comes from one of its clients and serves its handshake from the peer's own budget
+//! instead of the anonymous one that strangers share.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,10 +23,8 @@ use boringtun::noise::{Packet, Tunn};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::keys::encode_public_key;
+use crate::preamble::{PreambleKey, PreambleV2, HINT_LEN};
 use crate::session::{Role, Session, SessionConfig};
-
-/// Handshake messages per second accepted across all peers before load shedding.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Most peers a hub holds (boringtun keeps 24 bits of the session index for the peer).
 pub const MAX_PEERS: usize = 1 << 24;
 
@@ -67,6 +70,48 @@ pub enum HubError {
     /// No peer with this position.
     #[error("no peer #{0}")]
     NoSuchPeer(usize),
+    /// A version-2 preamble whose key hint names no allowed peer.
+    #[error("preamble names no allowed peer")]
+    PreambleUnknownKey,
+    /// A version-2 preamble whose tag does not verify (forged, or another server's key).
+    #[error("preamble tag does not verify")]
+    PreambleBadTag,
+    /// The first message names another peer than the stream's authenticated preamble.
+    #[error("first message names peer #{got}, the preamble peer #{want}")]
+    PeerMismatch {
+        /// Peer of the preamble.
+        want: usize,
+        /// Peer of the message.
+        got: usize,
+    },
+}
+
+/// What kind of WireGuard message a frame holds, judged by its type byte and length only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Handshake initiation (costs Diffie-Hellman work to answer).
+    Initiation,
+    /// Handshake response.
+    Response,
+    /// Cookie reply.
+    Cookie,
+    /// Transport data (one AEAD open).
+    Data,
+    /// Not a WireGuard message.
+    Other,
+}
+
+impl MessageKind {
+    /// Classifies `msg` without any cryptographic work.
+    pub fn of(msg: &[u8]) -> MessageKind {
+        match (msg.first(), msg.len()) {
+            (Some(1), 148) => MessageKind::Initiation,
+            (Some(2), 92) => MessageKind::Response,
+            (Some(3), 64) => MessageKind::Cookie,
+            (Some(4), n) if n >= 32 => MessageKind::Data,
+            _ => MessageKind::Other,
+        }
+    }
 }
 
 /// The server's peer set.
@@ -75,7 +120,13 @@ pub struct Hub {
     public: PublicKey,
     peers: Vec<PeerConfig>,
     by_key: HashMap<[u8; 32], usize>,
-    /// Shared by all sessions: bounds handshake work across peers.
+    /// Preamble keys per peer (None: the peer's key gives no shared secret).
+    preamble_keys: Vec<Option<PreambleKey>>,
+    /// Peers by key hint (a hint names one peer but for astronomically rare collisions).
+    by_hint: HashMap<[u8; HINT_LEN], Vec<usize>>,
+    /// Given to every session: never sheds load itself. The server budgets handshakes before a
+    /// message reaches a session (see `limits`), so that strangers cannot spend the budget of
+    /// known peers (boringtun's own limiter is shared by all and counts every initiation).
     rate_limiter: Arc<RateLimiter>,
     /// Checks mac1 of first messages before any Diffie-Hellman work; never sheds load itself.
     mac_check: RateLimiter,
@@ -103,14 +154,66 @@ impl Hub {
             }
         }
         let public = PublicKey::from(&private);
+        let preamble_keys: Vec<Option<PreambleKey>> = peers
+            .iter()
+            .map(|p| PreambleKey::for_server(&private, &p.public).ok())
+            .collect();
+        let mut by_hint: HashMap<[u8; HINT_LEN], Vec<usize>> = HashMap::new();
+        for (i, k) in preamble_keys.iter().enumerate() {
+            if let Some(k) = k {
+                by_hint.entry(k.hint()).or_default().push(i);
+            }
+        }
         Ok(Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            rate_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             mac_check: RateLimiter::new(&public, u64::MAX),
             private,
             public,
             peers,
             by_key,
+            preamble_keys,
+            by_hint,
         })
+    }
+
+    /// The peer a version-2 preamble was made by, if its tag verifies. Costs one HMAC per
+    /// candidate peer (one, but for hint collisions). Replays are the caller's check (the
+    /// peer's `InstanceCounters`).
+    pub fn authenticate_preamble(&self, p: &PreambleV2) -> Result<usize, HubError> {
+        let candidates = self
+            .by_hint
+            .get(&p.hint)
+            .ok_or(HubError::PreambleUnknownKey)?;
+        candidates
+            .iter()
+            .copied()
+            .find(|&i| {
+                self.preamble_keys
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|k| k.verify(p))
+            })
+            .ok_or(HubError::PreambleBadTag)
+    }
+
+    /// Checks that the first message of a stream whose preamble authenticated as `peer` can
+    /// open it: an initiation (the peer's session verifies it is the peer's), or transport data
+    /// naming `peer`'s session. No Diffie-Hellman work.
+    pub fn identify_as(&self, peer: usize, first_msg: &[u8]) -> Result<(), HubError> {
+        match MessageKind::of(first_msg) {
+            MessageKind::Initiation => Ok(()),
+            MessageKind::Data => {
+                let got = self.identify(first_msg)?;
+                if got == peer {
+                    Ok(())
+                } else {
+                    Err(HubError::PeerMismatch { want: peer, got })
+                }
+            }
+            MessageKind::Response => Err(HubError::NotInitiation("handshake response")),
+            MessageKind::Cookie => Err(HubError::NotInitiation("cookie reply")),
+            MessageKind::Other => Err(HubError::Malformed("not a WireGuard message")),
+        }
     }
 
     /// Names the peer of a new stream from its first message (see the module docs): the
@@ -152,8 +255,7 @@ impl Hub {
         }
     }
 
-    /// Creates the responder session for `peer`, using the shared handshake rate limiter and
-    /// a session index unique to the peer.
+    /// Creates the responder session for `peer`, with a session index unique to the peer.
     pub fn new_session(
         &self,
         peer: usize,
@@ -300,6 +402,81 @@ mod tests {
         assert!(hub
             .new_session(2, SessionConfig::default(), Instant::now())
             .is_err());
+    }
+
+    #[test]
+    fn preamble_names_the_peer_without_key_work() {
+        use crate::preamble::{parse_preamble, Preamble};
+        let server = key();
+        let (a, b, stranger) = (key(), key(), key());
+        let hub = Hub::new(
+            server.clone(),
+            vec![
+                PeerConfig {
+                    public: PublicKey::from(&a),
+                    psk: None,
+                },
+                PeerConfig {
+                    public: PublicKey::from(&b),
+                    psk: None,
+                },
+            ],
+        )
+        .unwrap();
+        let sp = *hub.public();
+        let v2 = |k: &StaticSecret| {
+            let bytes = PreambleKey::for_client(k, &sp).unwrap().preamble(5, 6);
+            match parse_preamble(&bytes).unwrap() {
+                Some((Preamble::V2(p), _)) => p,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(hub.authenticate_preamble(&v2(&b)), Ok(1));
+        assert_eq!(hub.authenticate_preamble(&v2(&a)), Ok(0));
+        assert_eq!(
+            hub.authenticate_preamble(&v2(&stranger)),
+            Err(HubError::PreambleUnknownKey)
+        );
+        // The right hint with a tag made by someone else.
+        let forged = {
+            let mut bytes = PreambleKey::for_client(&stranger, &sp)
+                .unwrap()
+                .preamble(5, 6);
+            bytes[24..32].copy_from_slice(&crate::preamble::key_hint(&PublicKey::from(&a)));
+            match parse_preamble(&bytes).unwrap() {
+                Some((Preamble::V2(p), _)) => p,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            hub.authenticate_preamble(&forged),
+            Err(HubError::PreambleBadTag)
+        );
+
+        // The first message must fit the preamble's peer.
+        let (_, init) = first_message(a.clone(), &sp);
+        assert_eq!(hub.identify_as(0, &init), Ok(()));
+        let mut data = vec![0u8; 32];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
+        assert_eq!(hub.identify_as(1, &data), Ok(()));
+        assert_eq!(
+            hub.identify_as(0, &data),
+            Err(HubError::PeerMismatch { want: 0, got: 1 })
+        );
+        assert!(hub.identify_as(0, b"junk").is_err());
+        assert!(hub.identify_as(0, &[2u8; 92]).is_err());
+    }
+
+    #[test]
+    fn message_kinds_by_shape() {
+        assert_eq!(MessageKind::of(&[1u8; 148]), MessageKind::Initiation);
+        assert_eq!(MessageKind::of(&[1u8; 147]), MessageKind::Other);
+        assert_eq!(MessageKind::of(&[2u8; 92]), MessageKind::Response);
+        assert_eq!(MessageKind::of(&[3u8; 64]), MessageKind::Cookie);
+        assert_eq!(MessageKind::of(&[4u8; 32]), MessageKind::Data);
+        assert_eq!(MessageKind::of(&[4u8; 31]), MessageKind::Other);
+        assert_eq!(MessageKind::of(&[]), MessageKind::Other);
     }
 
     #[test]

@@ -11,8 +11,11 @@ pub mod flow;
 pub mod forward;
 pub mod frame;
 pub mod hub;
+#[cfg(feature = "io")]
 pub mod io;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod packet;
+pub mod preamble;
 pub mod session;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use common::cidr::CidrSet;
 use common::config::Flag;
+use common::limits::Limits;
 use ipnet::IpNet;
 
 /// Reference text after the flags in `--help`.
@@ -138,6 +139,77 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value = "20000", value_parser = common::config::parse::<usize>)]
     pub max_connections: Flag<usize>,
 
+    /// Tunnel streams accepted but not yet authenticated; when full, a new stream takes the
+    /// slot of the oldest one (which is closed).
+    #[arg(long, env = "MAX_PENDING_STREAMS", default_value = "256", value_parser = common::config::parse::<usize>)]
+    pub max_pending_streams: Flag<usize>,
+
+    /// Time a new tunnel stream has to send its CONNECT head (if any), preamble and first
+    /// message (a client sends preamble and first message in one write).
+    #[arg(long, env = "PREAUTH_TIMEOUT", default_value = "2s", value_parser = common::config::duration)]
+    pub preauth_timeout: Flag<Duration>,
+
+    /// Handshake initiations per second, all streams together, from streams whose preamble
+    /// does not name a client (version-1 clients and strangers): each costs Diffie-Hellman
+    /// work before its sender is known. Streams of known clients have their own budget.
+    #[arg(long, env = "HANDSHAKES_PER_SECOND", default_value = "100", value_parser = common::config::parse::<u32>)]
+    pub handshakes_per_second: Flag<u32>,
+
+    /// Handshake initiations per second per client: on new streams whose preamble names it,
+    /// and on each bound stream (rekeys, every 2 minutes normally).
+    #[arg(long, env = "PEER_HANDSHAKES_PER_SECOND", default_value = "4", value_parser = common::config::parse::<u32>)]
+    pub peer_handshakes_per_second: Flag<u32>,
+
+    /// Bytes of frames queued for one tunnel stream when the socket does not take them at
+    /// once; beyond it frames are dropped (the inner TCP recovers). Suffixes KiB, MiB.
+    #[arg(long, env = "TUNNEL_QUEUE_SIZE", default_value = "4MiB", value_parser = common::config::bytes)]
+    pub tunnel_queue_size: Flag<usize>,
+
+    /// Proxy connections whose request head is not complete yet (TLS handshake included);
+    /// when full, a new connection takes the slot of the oldest one (which is closed).
+    #[arg(long, env = "MAX_PENDING_PROXY_CONNECTIONS", default_value = "1024", value_parser = common::config::parse::<usize>)]
+    pub max_pending_proxy_connections: Flag<usize>,
+
+    /// Proxy TLS handshakes in flight at once; more wait for a slot.
+    #[arg(long, env = "MAX_TLS_HANDSHAKES", default_value = "64", value_parser = common::config::parse::<usize>)]
+    pub max_tls_handshakes: Flag<usize>,
+
+    /// Time a proxy client has for its TLS handshake, the wait for a slot included.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = common::config::duration)]
+    pub tls_handshake_timeout: Flag<Duration>,
+
+    /// Time a proxy client has to send its request head.
+    #[arg(long, env = "REQUEST_HEAD_TIMEOUT", default_value = "10s", value_parser = common::config::duration)]
+    pub request_head_timeout: Flag<Duration>,
+
+    /// Dials through the tunnel in flight at once; more are answered 503.
+    #[arg(long, env = "MAX_PENDING_DIALS", default_value = "1024", value_parser = common::config::parse::<usize>)]
+    pub max_pending_dials: Flag<usize>,
+
+    /// DNS lookups through the tunnel in flight at once; more are answered 503.
+    #[arg(long, env = "MAX_DNS_LOOKUPS", default_value = "256", value_parser = common::config::parse::<usize>)]
+    pub max_dns_lookups: Flag<usize>,
+
+    /// Entries of the flow table (one per proxied connection or DNS lookup); packets of new
+    /// flows beyond it are dropped.
+    #[arg(long, env = "MAX_FLOWS", default_value = "65536", value_parser = common::config::parse::<usize>)]
+    pub max_flows: Flag<usize>,
+
+    /// Warning log lines per second per reason; the rest are counted and summarised in the
+    /// next line of that reason.
+    #[arg(long, env = "LOG_LINES_PER_SECOND", default_value = "10", value_parser = common::config::parse::<u32>)]
+    pub log_lines_per_second: Flag<u32>,
+
+    /// File mode of the proxy's Unix socket (octal). Whoever may connect to it can reach
+    /// the shoot's networks: keep it to kube-apiserver's user or group.
+    #[arg(long, env = "PROXY_UDS_MODE", default_value = "0660", value_parser = common::config::file_mode)]
+    pub proxy_uds_mode: Flag<u32>,
+
+    /// Group (name or numeric id) that owns the proxy's Unix socket, e.g. kube-apiserver's
+    /// group; default: the server's own group.
+    #[arg(long, env = "PROXY_UDS_GROUP")]
+    pub proxy_uds_group: Option<String>,
+
     /// Keepalive interval: a keepalive is sent into a tunnel that carried nothing for this long.
     #[arg(long, env = "KEEPALIVE", default_value = "5s", value_parser = common::config::duration)]
     pub keepalive: Flag<Duration>,
@@ -185,7 +257,11 @@ pub struct Config {
     /// Cluster domain, lowercase, without trailing dot.
     pub shoot_cluster_domain: String,
     pub dns_timeout: Duration,
-    pub max_connections: usize,
+    /// Every bound and timeout that hostile input can run into.
+    pub limits: Limits,
+    /// Mode and group of the proxy's Unix socket.
+    pub proxy_uds_mode: u32,
+    pub proxy_uds_gid: Option<u32>,
     pub keepalive: Duration,
     pub dead_peer_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -240,10 +316,79 @@ impl Args {
             .dns_timeout
             .get("dns-timeout", &mut errs)
             .unwrap_or(Duration::from_secs(2));
-        let max_connections = self
-            .max_connections
-            .get("max-connections", &mut errs)
-            .unwrap_or(1);
+        let d = Limits::default();
+        let limits = Limits {
+            pending_streams: self
+                .max_pending_streams
+                .get("max-pending-streams", &mut errs)
+                .unwrap_or(d.pending_streams),
+            preauth_timeout: self
+                .preauth_timeout
+                .get("preauth-timeout", &mut errs)
+                .unwrap_or(d.preauth_timeout),
+            handshakes_per_second: self
+                .handshakes_per_second
+                .get("handshakes-per-second", &mut errs)
+                .unwrap_or(d.handshakes_per_second),
+            peer_handshakes_per_second: self
+                .peer_handshakes_per_second
+                .get("peer-handshakes-per-second", &mut errs)
+                .unwrap_or(d.peer_handshakes_per_second),
+            frames_queued_per_tunnel: self
+                .tunnel_queue_size
+                .get("tunnel-queue-size", &mut errs)
+                .unwrap_or(d.frames_queued_per_tunnel),
+            proxy_pending: self
+                .max_pending_proxy_connections
+                .get("max-pending-proxy-connections", &mut errs)
+                .unwrap_or(d.proxy_pending),
+            proxy_tls_handshakes: self
+                .max_tls_handshakes
+                .get("max-tls-handshakes", &mut errs)
+                .unwrap_or(d.proxy_tls_handshakes),
+            proxy_tls_timeout: self
+                .tls_handshake_timeout
+                .get("tls-handshake-timeout", &mut errs)
+                .unwrap_or(d.proxy_tls_timeout),
+            proxy_head_timeout: self
+                .request_head_timeout
+                .get("request-head-timeout", &mut errs)
+                .unwrap_or(d.proxy_head_timeout),
+            max_connections: self
+                .max_connections
+                .get("max-connections", &mut errs)
+                .unwrap_or(d.max_connections),
+            pending_dials: self
+                .max_pending_dials
+                .get("max-pending-dials", &mut errs)
+                .unwrap_or(d.pending_dials),
+            dns_lookups: self
+                .max_dns_lookups
+                .get("max-dns-lookups", &mut errs)
+                .unwrap_or(d.dns_lookups),
+            max_flows: self
+                .max_flows
+                .get("max-flows", &mut errs)
+                .unwrap_or(d.max_flows),
+            log_lines_per_second: self
+                .log_lines_per_second
+                .get("log-lines-per-second", &mut errs)
+                .unwrap_or(d.log_lines_per_second),
+        };
+        let proxy_uds_mode = self
+            .proxy_uds_mode
+            .get("proxy-uds-mode", &mut errs)
+            .unwrap_or(0o660);
+        let proxy_uds_gid = self
+            .proxy_uds_group
+            .as_deref()
+            .and_then(|g| match resolve_group(g) {
+                Ok(gid) => Some(gid),
+                Err(e) => {
+                    errs.push(format!("--proxy-uds-group {g:?}: {e}"));
+                    None
+                }
+            });
         let keepalive = self
             .keepalive
             .get("keepalive", &mut errs)
@@ -344,8 +489,38 @@ impl Args {
             errs.push("give the clients' public keys with --peer or --peers-dir".into());
         }
         common::config::tun(&self.tun_name, mtu, &mut errs);
-        if max_connections == 0 {
-            errs.push("--max-connections must be at least 1".into());
+        for (flag, v) in [
+            ("max-connections", limits.max_connections),
+            ("max-pending-streams", limits.pending_streams),
+            ("max-pending-proxy-connections", limits.proxy_pending),
+            ("max-tls-handshakes", limits.proxy_tls_handshakes),
+            ("max-pending-dials", limits.pending_dials),
+            ("max-dns-lookups", limits.dns_lookups),
+            ("max-flows", limits.max_flows),
+            ("log-lines-per-second", limits.log_lines_per_second as usize),
+            (
+                "peer-handshakes-per-second",
+                limits.peer_handshakes_per_second as usize,
+            ),
+        ] {
+            if v == 0 {
+                errs.push(format!("--{flag} must be at least 1"));
+            }
+        }
+        if limits.frames_queued_per_tunnel < 65536 + 2 {
+            errs.push(format!(
+                "--tunnel-queue-size {}: must hold at least one frame (64KiB)",
+                limits.frames_queued_per_tunnel
+            ));
+        }
+        for (flag, v) in [
+            ("preauth-timeout", limits.preauth_timeout),
+            ("tls-handshake-timeout", limits.proxy_tls_timeout),
+            ("request-head-timeout", limits.proxy_head_timeout),
+        ] {
+            if v.is_zero() {
+                errs.push(format!("--{flag} must be positive"));
+            }
         }
         common::config::liveness(keepalive, dead_peer_timeout, &mut errs);
         if dial_timeout.is_zero() {
@@ -395,12 +570,32 @@ impl Args {
             shoot_dns_server,
             shoot_cluster_domain,
             dns_timeout,
-            max_connections,
+            limits,
+            proxy_uds_mode,
+            proxy_uds_gid,
             keepalive,
             dead_peer_timeout,
             shutdown_timeout,
         })
     }
+}
+
+/// A group's id: numeric, or looked up by name in `/etc/group`.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.trim().parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == g.trim())
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| "no such group (give a numeric id)".to_string())
 }
 
 #[cfg(test)]

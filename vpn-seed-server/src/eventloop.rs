@@ -17,6 +17,7 @@ use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
+use common::limits::{InstanceCounters, LimitKind, PendingSlots, TokenBucket};
 use common::metrics::{expose_tunnels, Exposition, Kind, TunnelRow};
 use common::packet::PacketView;
 use common::session::SessionConfig;
@@ -25,11 +26,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::config::Config;
 use crate::proxy::ProxyContext;
-use crate::state::{inc, lock, PeerSlot, Server, Stats, ANSWER_CODES};
+use crate::state::{inc, lock, PeerSlot, Pending, Server, Stats, ANSWER_CODES, INSTANCES_PER_PEER};
 use crate::tunnel::{send_frames, serve_stream};
 
-/// Concurrent tunnel streams being accepted (before they are bound to a peer).
-const MAX_PENDING_STREAMS: usize = 256;
 /// Interval of the session timer.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -56,19 +55,7 @@ impl Listeners {
             None => None,
         };
         let proxy_uds = match &cfg.proxy_uds {
-            Some(p) => {
-                if let Ok(meta) = std::fs::symlink_metadata(p) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if meta.file_type().is_socket() {
-                        std::fs::remove_file(p)
-                            .with_context(|| format!("remove stale socket {}", p.display()))?;
-                    }
-                }
-                Some(
-                    UnixListener::bind(p)
-                        .with_context(|| format!("proxy socket {}", p.display()))?,
-                )
-            }
+            Some(p) => Some(bind_uds(p, cfg.proxy_uds_mode, cfg.proxy_uds_gid)?),
             None => None,
         };
         let metrics = match cfg.metrics_listen {
@@ -86,6 +73,42 @@ impl Listeners {
             metrics,
         })
     }
+}
+
+/// Binds the proxy's Unix socket with `mode` and group `gid`: bound under a temporary name,
+/// given its mode and group, then renamed into place, so that it is never reachable with
+/// looser permissions. A stale socket at the path is replaced.
+fn bind_uds(path: &std::path::Path, mode: u32, gid: Option<u32>) -> Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "proxy socket {}: exists and is not a socket",
+                path.display()
+            );
+        }
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).with_context(|| format!("proxy socket {}", tmp.display()))?;
+    let finish = || -> Result<()> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", tmp.display()))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&tmp, None, Some(gid))
+                .with_context(|| format!("chgrp {gid} {}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 impl Health for Server {
@@ -166,6 +189,36 @@ impl Health for Server {
             "Entries in the flow table.",
             lock(&self.flows).len() as f64,
         );
+        e.family(
+            "vpn_seed_limit_hits_total",
+            Kind::Counter,
+            "Times a limit was hit (see SECURITY.md): evictions, timeouts, budgets spent, refusals.",
+        );
+        for (kind, n) in s.limits.snapshot() {
+            e.sample(
+                "vpn_seed_limit_hits_total",
+                &[("limit", kind.name())],
+                n as f64,
+            );
+        }
+        e.single(
+            "vpn_seed_pending_streams",
+            Kind::Gauge,
+            "Tunnel streams accepted and not yet authenticated.",
+            lock(&self.pending).len() as f64,
+        );
+        e.single(
+            "vpn_seed_proxy_pending_connections",
+            Kind::Gauge,
+            "Proxy connections whose TLS handshake or request head is not complete.",
+            lock(&self.proxy_pending).len() as f64,
+        );
+        e.single(
+            "vpn_seed_log_lines_suppressed_total",
+            Kind::Counter,
+            "Warning lines dropped by the per-reason rate limit.",
+            common::io::log::suppressed_total() as f64,
+        );
         e.single(
             "vpn_seed_draining",
             Kind::Gauge,
@@ -202,6 +255,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
         dead_timeout: cfg.dead_peer_timeout,
     };
     let now = Instant::now();
+    let limits = cfg.limits.clone();
     let slots = (0..hub.len())
         .map(|i| {
             Ok(Mutex::new(PeerSlot {
@@ -209,13 +263,23 @@ fn build_server(cfg: &Config) -> Result<Server> {
                 session: hub.new_session(i, scfg, now)?,
                 stream: None,
                 generation: 0,
+                tun: Arc::new(tokio::sync::Mutex::new(None)),
+                instances: InstanceCounters::new(INSTANCES_PER_PEER),
+                handshakes: TokenBucket::per_second(limits.peer_handshakes_per_second),
             }))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Server {
         hub,
+        anon_handshakes: Mutex::new(TokenBucket::per_second(limits.handshakes_per_second)),
+        pending: Arc::new(Mutex::new(PendingSlots::new(limits.pending_streams))),
+        proxy_pending: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_pending))),
+        flows: Mutex::new(FlowTable::new(FlowConfig {
+            max_flows: limits.max_flows,
+            ..FlowConfig::default()
+        })),
+        limits,
         peers: slots,
-        flows: Mutex::new(FlowTable::new(FlowConfig::default())),
         shoot_networks: cfg.shoot_networks.clone(),
         tunnel_sources: {
             let mut s = cfg.shoot_networks.clone();
@@ -235,6 +299,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped> {
+    common::io::log::set_lines_per_second(cfg.limits.log_lines_per_second);
     match common::io::sock::raise_nofile_limit() {
         Ok((old, new)) => tracing::info!(old, new, "raised open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise open file limit"),
@@ -295,7 +360,9 @@ pub async fn run(
         server: server.clone(),
         tun_name: cfg.tun_name.clone(),
         dial_timeout: cfg.dial_timeout,
-        limit: Arc::new(Semaphore::new(cfg.max_connections)),
+        limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+        dials: Arc::new(Semaphore::new(cfg.limits.pending_dials)),
+        tls_handshakes: Arc::new(Semaphore::new(cfg.limits.proxy_tls_handshakes)),
         tuning: TcpTuning::default(),
         resolver: crate::proxy::Resolver::from_config(&cfg),
     });
@@ -381,30 +448,33 @@ async fn drain(
 }
 
 async fn accept_tunnels(server: Arc<Server>, tun: Tun, l: TcpListener) -> Result<()> {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_STREAMS));
     loop {
         let (stream, remote) = match l.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "tunnel accept failed");
+                common::warn_limited!("tunnel_accept_failed", error = %e, "tunnel accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "too many tunnel streams being opened; closing");
-            continue;
-        };
+        // Taken at once: when the set is full the oldest pending stream is closed, so a
+        // flood of idle strangers never locks out a client that speaks at once.
+        let pending = Pending::take(
+            &server.pending,
+            &server.stats.limits,
+            LimitKind::PendingStreams,
+        );
         if let Err(e) = tune_stream(&stream, &TcpTuning::default()) {
             tracing::debug!(error = %e, "tunnel socket options");
         }
         let server = server.clone();
-        let tun = tun.writer();
+        let tun = tun.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = serve_stream(server.clone(), tun, stream, remote.to_string()).await {
+            if let Err(e) =
+                serve_stream(server.clone(), tun, stream, remote.to_string(), pending).await
+            {
                 inc(&server.stats.streams_rejected);
-                tracing::warn!(%remote, error = format!("{e:#}"), "tunnel stream closed");
+                common::warn_limited!(e.reason(), %remote, error = %e, "tunnel stream closed");
             }
         });
     }
@@ -419,19 +489,54 @@ async fn accept_proxy_tls(
         let (stream, remote) = match l.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "proxy accept failed");
+                common::warn_limited!("proxy_accept_failed", error = %e, "proxy accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // The budget is taken before TLS: the oldest unfinished connection makes room.
+        let server = &proxy.server;
+        let pending = Pending::take(
+            &server.proxy_pending,
+            &server.stats.limits,
+            LimitKind::ProxyPending,
+        );
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(s)) => proxy.serve(s, remote.to_string()).await,
-                Ok(Err(e)) => tracing::warn!(%remote, error = %e, "proxy TLS handshake refused"),
-                Err(_) => tracing::warn!(%remote, "proxy TLS handshake timed out"),
+            let timeout = proxy.server.limits.proxy_tls_timeout;
+            let handshake = async {
+                let _slot = match proxy.tls_handshakes.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        proxy.server.stats.limits.hit(LimitKind::ProxyTlsHandshakes);
+                        proxy
+                            .tls_handshakes
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(std::io::Error::other)?
+                    }
+                };
+                acceptor.accept(stream).await
+            };
+            let res = tokio::select! {
+                r = tokio::time::timeout(timeout, handshake) => r,
+                _ = pending.evicted() => {
+                    common::warn_limited!("proxy_evicted", %remote, "proxy connection evicted by a newer one before its request head");
+                    return;
+                }
+            };
+            match res {
+                Ok(Ok(s)) => proxy.serve(s, remote.to_string(), pending).await,
+                Ok(Err(e)) => {
+                    common::warn_limited!("proxy_tls_refused", %remote, error = %e, "proxy TLS handshake refused")
+                }
+                Err(_) => {
+                    proxy.server.stats.limits.hit(LimitKind::ProxyTlsTimeout);
+                    common::warn_limited!("proxy_tls_timeout", %remote, "proxy TLS handshake timed out");
+                }
             }
         });
     }
@@ -442,13 +547,19 @@ async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<(
         let (stream, _) = match l.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "proxy socket accept failed");
+                common::warn_limited!("proxy_accept_failed", error = %e, "proxy socket accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let server = &proxy.server;
+        let pending = Pending::take(
+            &server.proxy_pending,
+            &server.stats.limits,
+            LimitKind::ProxyPending,
+        );
         let proxy = proxy.clone();
-        tokio::spawn(async move { proxy.serve(stream, "uds".into()).await });
+        tokio::spawn(async move { proxy.serve(stream, "uds".into(), pending).await });
     }
 }
 
@@ -485,6 +596,9 @@ async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
             let id: TunnelId = match pinned {
                 Ok(id) => id,
                 Err(reason) => {
+                    if reason == common::flow::DropReason::TableFull {
+                        server.stats.limits.hit(LimitKind::Flows);
+                    }
                     server.stats.plane.drops.inc(reason.reason());
                     tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
                     continue;

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use common::connect::{format_response, parse_request, parse_target, Target, MAX_HEAD_LEN};
+use common::connect::{
+    check_connect, format_response, parse_request, parse_target, Target, MAX_HEAD_LEN,
+};
 use common::dns::{Answer, QType, Rcode};
 use common::forward::{close_response_head, forward_request, ForwardError};
 use common::io::sock::{connect_bound, dns_lookup, ConnectError, LookupError, TcpTuning};
@@ -17,11 +19,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Config;
-use crate::state::{answer_slot, inc, lock, Server};
+use common::limits::LimitKind;
 
-/// Time a client has to send its CONNECT head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::config::Config;
+use crate::state::{answer_slot, inc, lock, Pending, Server};
+
 /// Time a forwarded request's upstream has to start its answer.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Names whose address is cached.
@@ -38,6 +40,8 @@ pub struct Resolver {
     timeout: Duration,
     /// Name → address and expiry; at most [`DNS_CACHE_NAMES`] entries.
     cache: Mutex<HashMap<String, (IpAddr, Instant)>>,
+    /// Bounds lookups in flight (each holds two sockets and a flow until answered).
+    lookups: Arc<Semaphore>,
 }
 
 impl Resolver {
@@ -49,6 +53,7 @@ impl Resolver {
             cluster_domain: cfg.shoot_cluster_domain.clone(),
             timeout: cfg.dns_timeout,
             cache: Mutex::new(HashMap::new()),
+            lookups: Arc::new(Semaphore::new(cfg.limits.dns_lookups)),
         })
     }
 
@@ -65,12 +70,23 @@ impl Resolver {
 
     /// One address of `host`: asks for A and AAAA at once and takes the first IPv4 address,
     /// else the first IPv6 address.
-    async fn resolve(&self, host: &str) -> Result<IpAddr, Refusal> {
+    async fn resolve(
+        &self,
+        host: &str,
+        counters: &common::limits::LimitCounters,
+    ) -> Result<IpAddr, Refusal> {
         let name = self.fqdn(host);
         let now = Instant::now();
         if let Some((ip, _)) = lock(&self.cache).get(&name).filter(|(_, exp)| *exp > now) {
             return Ok(*ip);
         }
+        let Ok(_lookup) = self.lookups.clone().try_acquire_owned() else {
+            counters.hit(LimitKind::DnsLookups);
+            return Err(refuse(
+                503,
+                format!("cannot resolve {name}: too many DNS lookups in flight"),
+            ));
+        };
         let lookup =
             |qtype| dns_lookup(self.server, Some(&self.device), &name, qtype, self.timeout);
         let (v4, v6) = (lookup(QType::A), lookup(QType::Aaaa));
@@ -179,6 +195,10 @@ pub struct ProxyContext {
     pub tun_name: String,
     pub dial_timeout: Duration,
     pub limit: Arc<Semaphore>,
+    /// Dials in flight.
+    pub dials: Arc<Semaphore>,
+    /// TLS handshakes in flight.
+    pub tls_handshakes: Arc<Semaphore>,
     pub tuning: TcpTuning,
     /// Resolver of hostname targets (`--shoot-dns-server`); None answers them 502.
     pub resolver: Option<Resolver>,
@@ -202,6 +222,8 @@ fn refuse(code: u16, body: impl Into<String>) -> Refusal {
 
 async fn read_head<S: AsyncRead + Unpin>(
     s: &mut S,
+    timeout: Duration,
+    counters: &common::limits::LimitCounters,
 ) -> Result<(common::connect::RequestHead, Vec<u8>), Refusal> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
@@ -227,9 +249,33 @@ async fn read_head<S: AsyncRead + Unpin>(
             }
         }
     };
-    tokio::time::timeout(HEAD_TIMEOUT, read)
-        .await
-        .unwrap_or_else(|_| Err(refuse(400, "no request head within 10s")))
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => {
+            counters.hit(LimitKind::ProxyHeadTimeout);
+            Err(refuse(
+                400,
+                format!(
+                    "no request head within {}",
+                    humantime::format_duration(timeout)
+                ),
+            ))
+        }
+    }
+}
+
+/// Log gate reason of a refusal by status code (so one flood of a kind cannot silence the
+/// others).
+fn refusal_reason(code: u16) -> &'static str {
+    match code {
+        400 => "proxy_refused_400",
+        403 => "proxy_refused_403",
+        405 => "proxy_refused_405",
+        502 => "proxy_refused_502",
+        503 => "proxy_refused_503",
+        504 => "proxy_refused_504",
+        _ => "proxy_refused",
+    }
 }
 
 /// The resolver for hostname `host`, or the 502 that explains how to enable it.
@@ -259,12 +305,12 @@ impl ProxyContext {
 
     /// Serves one client connection of kube-apiserver (CONNECT) or Prometheus (a plain-HTTP
     /// request in absolute form, forwarded once with `Connection: close`).
-    pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String) {
+    pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String, pending: Pending) {
         let started = Instant::now();
-        match self.open(&mut client).await {
+        match self.open(&mut client, pending).await {
             Err((target, Refusal(code, reason, body))) => {
                 inc(&self.server.stats.proxy_answers[answer_slot(code)]);
-                tracing::warn!(client = %peer, %target, code, reason = %body, "request refused");
+                common::warn_limited!(refusal_reason(code), client = %peer, %target, code, reason = %body, "request refused");
                 let _ = client
                     .write_all(&format_response(code, reason, &body))
                     .await;
@@ -303,14 +349,23 @@ impl ProxyContext {
 
     /// Reads and authorizes the request and dials the target; the permit bounds open
     /// connections for as long as it is held.
-    async fn open<S>(&self, client: &mut S) -> Result<Opened, (String, Refusal)>
+    async fn open<S>(&self, client: &mut S, pending: Pending) -> Result<Opened, (String, Refusal)>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (head, mut rest) = read_head(client).await.map_err(|r| ("-".to_string(), r))?;
+        let limits = &self.server.limits;
+        let counters = &self.server.stats.limits;
+        let head = tokio::select! {
+            r = read_head(client, limits.proxy_head_timeout, counters) => r,
+            _ = pending.evicted() => Err(refuse(503, "too many unfinished requests; evicted by a newer one")),
+        };
+        // A complete head: no longer pending.
+        drop(pending);
+        let (head, mut rest) = head.map_err(|r| ("-".to_string(), r))?;
         let target = head.target.clone();
         let fail = |r: Refusal| (target.clone(), r);
         let (parsed, first, forward) = if head.method.eq_ignore_ascii_case("CONNECT") {
+            check_connect(&head).map_err(|e| fail(refuse(400, e.to_string())))?;
             let parsed = parse_target(&head.target)
                 .map_err(|e| fail(refuse(400, format!("bad target: {e}"))))?;
             (parsed, rest, None)
@@ -345,17 +400,16 @@ impl ProxyContext {
             return Err(fail(refuse(503, "no tunnel to the shoot is up")));
         }
         // Taken before resolving, so the limit also bounds concurrent lookups.
-        let permit = self
-            .limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| fail(refuse(503, "connection limit reached")))?;
+        let permit = self.limit.clone().try_acquire_owned().map_err(|_| {
+            counters.hit(LimitKind::Connections);
+            fail(refuse(503, "connection limit reached"))
+        })?;
         let addr = match parsed {
             Target::Addr(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Target::Host { host, port } => {
                 let ip = resolver(&self.resolver, &host)
                     .map_err(&fail)?
-                    .resolve(&host)
+                    .resolve(&host, counters)
                     .await;
                 let ip = ip.map_err(&fail)?.to_canonical();
                 tracing::debug!(%host, %ip, "resolved");
@@ -363,9 +417,14 @@ impl ProxyContext {
                 SocketAddr::new(ip, port)
             }
         };
+        let dial_slot = self.dials.clone().try_acquire_owned().map_err(|_| {
+            counters.hit(LimitKind::PendingDials);
+            fail(refuse(503, "too many dials in flight"))
+        })?;
         let dial_start = Instant::now();
         let dialled =
             connect_bound(addr, Some(&self.tun_name), self.dial_timeout, &self.tuning).await;
+        drop(dial_slot);
         if dialled.is_ok() {
             self.server.stats.dial.observe(dial_start.elapsed());
         }
@@ -450,6 +509,7 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             timeout: Duration::from_secs(2),
             cache: Mutex::new(HashMap::new()),
+            lookups: Arc::new(Semaphore::new(4)),
         }
     }
 

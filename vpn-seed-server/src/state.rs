@@ -3,16 +3,71 @@
 //! Lock order: a peer's slot, then the flow table.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use common::cidr::CidrSet;
 use common::flow::{FlowTable, TunnelId};
 use common::hub::Hub;
 use common::io::framed::FrameSink;
+use common::io::tunio::TunWriter;
+use common::limits::{InstanceCounters, LimitCounters, Limits, PendingSlots, TokenBucket};
 use common::metrics::{DataPlaneStats, Histogram, DIAL_BUCKETS};
 use common::session::Session;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
+
+/// Streams or connections that have not authenticated yet, each with the notification that
+/// tells it it was evicted.
+pub type PendingSet = Arc<Mutex<PendingSlots<Arc<Notify>>>>;
+
+/// A pending slot: taken at accept, given back when dropped (authenticated, refused or
+/// closed). When the set is full, taking one evicts the oldest holder, whose [`Pending::evicted`]
+/// then completes.
+pub struct Pending {
+    set: PendingSet,
+    key: common::limits::PendingKey,
+    evict: Arc<Notify>,
+}
+
+impl Pending {
+    /// Takes a slot of `set`, counting an eviction as a hit of `kind`.
+    pub fn take(
+        set: &PendingSet,
+        counters: &LimitCounters,
+        kind: common::limits::LimitKind,
+    ) -> Self {
+        let evict = Arc::new(Notify::new());
+        let (key, evicted) = lock(set).insert(evict.clone(), std::time::Instant::now());
+        if let Some(old) = evicted {
+            counters.hit(kind);
+            // Stores a permit if the holder is not waiting yet: it sees it at its next await.
+            old.notify_one();
+        }
+        Self {
+            set: set.clone(),
+            key,
+            evict,
+        }
+    }
+
+    /// Completes when a newer arrival took this slot over.
+    pub async fn evicted(&self) {
+        self.evict.notified().await
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        lock(&self.set).remove(self.key);
+    }
+}
+
+/// Client instances remembered per peer for preamble replay protection.
+pub const INSTANCES_PER_PEER: usize = 64;
+
+/// The TUN writer of a peer: created when its first stream authenticates, held by the reader
+/// of its current stream (a newer stream's reader waits until the replaced one let go).
+pub type TunSlot = Arc<tokio::sync::Mutex<Option<TunWriter>>>;
 
 /// The stream currently carrying a peer's tunnel.
 pub struct StreamHandle {
@@ -41,16 +96,23 @@ pub struct PeerSlot {
     pub session: Session,
     pub stream: Option<StreamHandle>,
     pub generation: u64,
+    /// TUN writer of the peer's streams (allocated once the peer authenticated).
+    pub tun: TunSlot,
+    /// Replay protection of the peer's authenticated preambles.
+    pub instances: InstanceCounters,
+    /// Handshake initiations of new streams with an authenticated preamble.
+    pub handshakes: TokenBucket,
 }
 
 /// Why a packet was dropped: the flow table's reasons, then the pump's own.
-pub const DROP_REASONS: [&str; 7] = [
+pub const DROP_REASONS: [&str; 8] = [
     "no_tunnel",
     "table_full",
     "source_not_allowed",
     "unknown_flow",
     "wrong_tunnel",
     "malformed",
+    "wrong_destination",
     "not_shoot_network",
 ];
 
@@ -64,6 +126,8 @@ pub struct Stats {
     pub proxy_answers: [AtomicU64; 7],
     /// Time from the start of a dial through the TUN to the upstream's accept.
     pub dial: Histogram,
+    /// Hits per limit.
+    pub limits: LimitCounters,
 }
 
 impl Default for Stats {
@@ -75,6 +139,7 @@ impl Default for Stats {
             proxy_open: AtomicU64::new(0),
             proxy_answers: Default::default(),
             dial: Histogram::new(&DIAL_BUCKETS),
+            limits: LimitCounters::default(),
         }
     }
 }
@@ -101,6 +166,14 @@ pub fn inc(c: &AtomicU64) {
 /// Everything the server's tasks share.
 pub struct Server {
     pub hub: Hub,
+    /// Every bound and timeout.
+    pub limits: Limits,
+    /// Handshake initiations of new streams without an authenticated preamble, all peers.
+    pub anon_handshakes: Mutex<TokenBucket>,
+    /// Tunnel streams not authenticated yet; an evicted one is woken to close.
+    pub pending: PendingSet,
+    /// Proxy connections whose request head is not complete yet.
+    pub proxy_pending: PendingSet,
     pub peers: Vec<Mutex<PeerSlot>>,
     pub flows: Mutex<FlowTable>,
     pub shoot_networks: CidrSet,

@@ -141,6 +141,12 @@ pub struct Args {
     #[arg(long, env = "READY_WHEN", default_value = "all", value_parser = ["all", "any"])]
     pub ready_when: String,
 
+    /// Stream preamble: `2` names this client to the server without any key exchange work
+    /// (a keyed tag), so the server serves its handshakes ahead of strangers' during a flood;
+    /// `1` for seed servers older than version 2 of the wire protocol.
+    #[arg(long, env = "PREAMBLE_VERSION", default_value = "2", value_parser = ["1", "2"])]
+    pub preamble_version: String,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -169,6 +175,8 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// Ready when every configured server's tunnel is up (`all`) or at least one (`any`).
     pub ready_when_all: bool,
+    /// Send version-2 (authenticated) preambles.
+    pub preamble_v2: bool,
 }
 
 /// Splits `host:port` (IPv6 in brackets); `default_port` when the port is missing.
@@ -320,6 +328,7 @@ impl Args {
             dead_peer_timeout,
             ready_when_all: self.ready_when == "all",
             dial_timeout,
+            preamble_v2: self.preamble_version == "2",
         })
     }
 }

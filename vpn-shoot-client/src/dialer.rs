@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use common::connect::{format_connect_request, parse_response, MAX_HEAD_LEN};
-use common::frame::PREAMBLE;
 use common::io::framed::FrameSink;
 use common::io::sock::{tune_stream, TcpTuning};
+use common::preamble::{PreambleKey, PREAMBLE_V1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -75,6 +75,55 @@ async fn write_all(t: &mut Transport, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// The preambles of this client process: version 2 (authenticated with the static-static key,
+/// naming this process by a random instance id and counting its streams), or version 1.
+pub struct Preambles {
+    key: Option<PreambleKey>,
+    instance: u64,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl Preambles {
+    /// Version-2 preambles with `key`, or version 1 when `key` is None.
+    pub fn new(key: Option<PreambleKey>) -> Self {
+        let instance = loop {
+            let i: u64 = rand::random();
+            if i != 0 {
+                break i;
+            }
+        };
+        // Start from the wall clock so the counter also grows across a restart that happened to
+        // draw the same instance id.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1);
+        Self {
+            key,
+            instance,
+            counter: std::sync::atomic::AtomicU64::new(start),
+        }
+    }
+
+    /// This process's instance id.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The preamble of the next stream.
+    pub fn next(&self) -> Vec<u8> {
+        match &self.key {
+            Some(k) => {
+                let n = self
+                    .counter
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                k.preamble(self.instance, n).to_vec()
+            }
+            None => PREAMBLE_V1.to_vec(),
+        }
+    }
+}
+
 /// Everything needed to dial one seed server replica.
 pub struct Dialer {
     pub host: String,
@@ -85,10 +134,11 @@ pub struct Dialer {
         rustls::pki_types::ServerName<'static>,
     )>,
     pub timeout: Duration,
+    pub preambles: Arc<Preambles>,
 }
 
 impl Dialer {
-    pub fn new(cfg: &Config, header_value: &str) -> Result<Self> {
+    pub fn new(cfg: &Config, header_value: &str, preambles: Arc<Preambles>) -> Result<Self> {
         let request = format_connect_request(
             &cfg.connect_target,
             &[(cfg.header_name.as_str(), header_value)],
@@ -108,6 +158,7 @@ impl Dialer {
             request,
             tls,
             timeout: cfg.dial_timeout,
+            preambles,
         })
     }
 
@@ -170,8 +221,7 @@ impl Dialer {
         let leftover = buf.split_off(len);
         // Preamble and the first message (the handshake initiation) in one write: the
         // handshake starts the moment the 200 is read.
-        let mut hello = Vec::with_capacity(PREAMBLE.len() + first.len());
-        hello.extend_from_slice(&PREAMBLE);
+        let mut hello = self.preambles.next();
         hello.extend_from_slice(first);
         write_all(&mut transport, &hello)
             .await

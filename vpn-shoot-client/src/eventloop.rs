@@ -207,10 +207,23 @@ pub async fn run(
         dead_timeout: cfg.dead_peer_timeout,
     };
     let now = Instant::now();
+    let preamble_key = if cfg.preamble_v2 {
+        Some(
+            common::preamble::PreambleKey::for_client(&private, &server_public)
+                .map_err(|e| anyhow!("--server-public-key: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let preambles = Arc::new(crate::dialer::Preambles::new(preamble_key));
+    tracing::debug!(
+        instance = format!("{:016x}", preambles.instance()),
+        "client instance"
+    );
     let mut dialers = Vec::new();
     let mut tunnels = Vec::new();
     for (i, value) in cfg.header_values.iter().enumerate() {
-        dialers.push(Dialer::new(&cfg, value)?);
+        dialers.push(Dialer::new(&cfg, value, preambles.clone())?);
         let index = u32::try_from(i + 1).map_err(|_| anyhow!("too many servers"))?;
         tunnels.push(Mutex::new(TunnelSlot {
             name: value.clone(),
@@ -398,6 +411,7 @@ async fn read_loop(
                 &mut to_net,
                 &mut tun,
                 &client.stats.tunnel_rx_bytes,
+                |_| true,
                 |view| {
                     let _ = lock(&client.flows).from_tunnel(view, id, now);
                     true

@@ -185,7 +185,9 @@ pub async fn write_direct(sock: &TcpStream, mut data: &[u8]) -> std::io::Result<
 /// Decrypts the complete frames at the front of `buf` until the TUN batch is full, queueing
 /// every decrypted packet that `admit` accepts on `tun` and every reply (handshake response,
 /// keepalive) on `to_net`. Returns true when the batch filled up (frames may remain in `buf`).
-/// A fatal session error ends the stream; others are logged and the message is dropped.
+/// `gate` sees every message before any cryptographic work and may drop it (e.g. initiations
+/// beyond a handshake budget). A fatal session error ends the stream; others are logged and the
+/// message is dropped.
 #[allow(clippy::too_many_arguments)]
 pub fn decrypt_frames(
     session: &mut crate::session::Session,
@@ -195,6 +197,7 @@ pub fn decrypt_frames(
     to_net: &mut BytesMut,
     tun: &mut super::tunio::TunWriter,
     rx_bytes: &AtomicU64,
+    mut gate: impl FnMut(&[u8]) -> bool,
     mut admit: impl FnMut(&crate::packet::PacketView) -> bool,
 ) -> Result<bool, DecryptError> {
     while !tun.is_full() {
@@ -205,6 +208,9 @@ pub fn decrypt_frames(
             (frame.len() + crate::frame::LEN_PREFIX) as u64,
             Ordering::Relaxed,
         );
+        if !gate(&frame) {
+            continue;
+        }
         let mut overflow = false;
         let res = session.decapsulate(&frame, now, to_net, |p| {
             let Ok(view) = crate::packet::PacketView::parse(p) else {
