@@ -30,7 +30,8 @@ pub struct Limits {
     /// Proxy connections accepted whose request head is not complete yet (TLS handshake and
     /// head); a newcomer evicts the oldest.
     pub proxy_pending: usize,
-    /// TLS handshakes of the proxy in flight at once; more wait (within the TLS timeout).
+    /// TLS handshakes of the proxy in flight at once (from the ClientHello on); a newcomer
+    /// evicts the oldest.
     pub proxy_tls_handshakes: usize,
     /// Time a proxy client has for its TLS handshake (including the wait for a slot).
     pub proxy_tls_timeout: Duration,
@@ -87,7 +88,7 @@ pub enum LimitKind {
     FrameQueue,
     /// A pending proxy connection was evicted by a newer one.
     ProxyPending,
-    /// A proxy client waited for a TLS handshake slot.
+    /// A proxy TLS handshake in flight was evicted by a newer one.
     ProxyTlsHandshakes,
     /// A proxy TLS handshake did not finish in time.
     ProxyTlsTimeout,

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod client;
 pub mod env;
 pub mod halab;
+pub mod hostile;
 pub mod lab;
 pub mod netns;
 pub mod pki;

@@ -122,6 +122,14 @@ impl Drop for Netns {
 }
 
 /// Moves the calling thread into the network namespace open at `file`.
+/// Moves the calling thread into namespace `name` for the rest of its life (for threads a test
+/// spawns to generate load from inside a lab namespace).
+pub fn enter(name: &str) -> Result<()> {
+    let file =
+        File::open(format!("/run/netns/{name}")).with_context(|| format!("open netns {name}"))?;
+    enter_netns(&file).with_context(|| format!("setns {name}"))
+}
+
 // FFI glue: setns(2) has no std wrapper. The fd is valid for the call (borrowed from `file`),
 // and CLONE_NEWNET only switches this thread's network namespace.
 #[allow(unsafe_code)]

@@ -170,11 +170,12 @@ pub struct Args {
     #[arg(long, env = "MAX_PENDING_PROXY_CONNECTIONS", default_value = "1024", value_parser = common::config::parse::<usize>)]
     pub max_pending_proxy_connections: Flag<usize>,
 
-    /// Proxy TLS handshakes in flight at once; more wait for a slot.
+    /// Proxy TLS handshakes in flight at once (from the ClientHello on); when full, a new
+    /// handshake takes the slot of the oldest one (which is closed).
     #[arg(long, env = "MAX_TLS_HANDSHAKES", default_value = "64", value_parser = common::config::parse::<usize>)]
     pub max_tls_handshakes: Flag<usize>,
 
-    /// Time a proxy client has for its TLS handshake, the wait for a slot included.
+    /// Time a proxy client has from its connect to the end of its TLS handshake.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = common::config::duration)]
     pub tls_handshake_timeout: Flag<Duration>,
 

@@ -43,15 +43,12 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every listener the configuration asks for.
     pub async fn bind(cfg: &Config) -> Result<Self> {
-        let tunnel = TcpListener::bind(cfg.tunnel_listen)
-            .await
+        let tunnel = common::io::sock::listen(cfg.tunnel_listen)
             .with_context(|| format!("tunnel listener {}", cfg.tunnel_listen))?;
         let proxy_tls = match cfg.proxy_listen {
-            Some(a) => Some(
-                TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("proxy listener {a}"))?,
-            ),
+            Some(a) => {
+                Some(common::io::sock::listen(a).with_context(|| format!("proxy listener {a}"))?)
+            }
             None => None,
         };
         let proxy_uds = match &cfg.proxy_uds {
@@ -195,6 +192,11 @@ impl Health for Server {
             "Times a limit was hit (see SECURITY.md): evictions, timeouts, budgets spent, refusals.",
         );
         for (kind, n) in s.limits.snapshot() {
+            // Log lines are suppressed process-wide by the logging gate.
+            let n = match kind {
+                LimitKind::LogLines => n + common::io::log::suppressed_total(),
+                _ => n,
+            };
             e.sample(
                 "vpn_seed_limit_hits_total",
                 &[("limit", kind.name())],
@@ -212,12 +214,6 @@ impl Health for Server {
             Kind::Gauge,
             "Proxy connections whose TLS handshake or request head is not complete.",
             lock(&self.proxy_pending).len() as f64,
-        );
-        e.single(
-            "vpn_seed_log_lines_suppressed_total",
-            Kind::Counter,
-            "Warning lines dropped by the per-reason rate limit.",
-            common::io::log::suppressed_total() as f64,
         );
         e.single(
             "vpn_seed_draining",
@@ -274,6 +270,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
         anon_handshakes: Mutex::new(TokenBucket::per_second(limits.handshakes_per_second)),
         pending: Arc::new(Mutex::new(PendingSlots::new(limits.pending_streams))),
         proxy_pending: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_pending))),
+        tls_handshakes: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_tls_handshakes))),
         flows: Mutex::new(FlowTable::new(FlowConfig {
             max_flows: limits.max_flows,
             ..FlowConfig::default()
@@ -362,7 +359,6 @@ pub async fn run(
         dial_timeout: cfg.dial_timeout,
         limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         dials: Arc::new(Semaphore::new(cfg.limits.pending_dials)),
-        tls_handshakes: Arc::new(Semaphore::new(cfg.limits.proxy_tls_handshakes)),
         tuning: TcpTuning::default(),
         resolver: crate::proxy::Resolver::from_config(&cfg),
     });
@@ -505,21 +501,22 @@ async fn accept_proxy_tls(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let timeout = proxy.server.limits.proxy_tls_timeout;
+            let server = &proxy.server;
+            let timeout = server.limits.proxy_tls_timeout;
             let handshake = async {
-                let _slot = match proxy.tls_handshakes.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        proxy.server.stats.limits.hit(LimitKind::ProxyTlsHandshakes);
-                        proxy
-                            .tls_handshakes
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .map_err(std::io::Error::other)?
-                    }
-                };
-                acceptor.accept(stream).await
+                // A handshake slot only once the ClientHello is arriving: idle connections hold
+                // none. When all are taken, the oldest handshake in flight is closed (a client
+                // that speaks at once finishes in a round trip; a stalled one is the oldest).
+                stream.peek(&mut [0u8; 1]).await?;
+                let slot = Pending::take(
+                    &server.tls_handshakes,
+                    &server.stats.limits,
+                    LimitKind::ProxyTlsHandshakes,
+                );
+                tokio::select! {
+                    r = acceptor.accept(stream) => r,
+                    _ = slot.evicted() => Err(std::io::Error::other("evicted by a newer TLS handshake")),
+                }
             };
             let res = tokio::select! {
                 r = tokio::time::timeout(timeout, handshake) => r,
@@ -534,7 +531,7 @@ async fn accept_proxy_tls(
                     common::warn_limited!("proxy_tls_refused", %remote, error = %e, "proxy TLS handshake refused")
                 }
                 Err(_) => {
-                    proxy.server.stats.limits.hit(LimitKind::ProxyTlsTimeout);
+                    server.stats.limits.hit(LimitKind::ProxyTlsTimeout);
                     common::warn_limited!("proxy_tls_timeout", %remote, "proxy TLS handshake timed out");
                 }
             }

@@ -197,8 +197,6 @@ pub struct ProxyContext {
     pub limit: Arc<Semaphore>,
     /// Dials in flight.
     pub dials: Arc<Semaphore>,
-    /// TLS handshakes in flight.
-    pub tls_handshakes: Arc<Semaphore>,
     pub tuning: TcpTuning,
     /// Resolver of hostname targets (`--shoot-dns-server`); None answers them 502.
     pub resolver: Option<Resolver>,

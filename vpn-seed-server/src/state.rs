@@ -174,6 +174,8 @@ pub struct Server {
     pub pending: PendingSet,
     /// Proxy connections whose request head is not complete yet.
     pub proxy_pending: PendingSet,
+    /// Proxy TLS handshakes in flight (ClientHello received, not finished).
+    pub tls_handshakes: PendingSet,
     pub peers: Vec<Mutex<PeerSlot>>,
     pub flows: Mutex<FlowTable>,
     pub shoot_networks: CidrSet,

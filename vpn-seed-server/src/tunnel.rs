@@ -100,6 +100,13 @@ struct Opening {
 async fn open_stream(r: &mut TcpStream) -> Result<Opening> {
     let mut buf = BytesMut::with_capacity(512);
     while buf.len() < 8 {
+        // Neither a CONNECT head nor a preamble: refused without waiting for more.
+        let n = buf.len();
+        if !(b"CONNECT ".starts_with(&buf[..n])
+            || common::frame::MAGIC.starts_with(&buf[..n.min(4)]))
+        {
+            bail!("neither a CONNECT head nor a preamble: {:02x?}", &buf[..n]);
+        }
         read_more(r, &mut buf).await?;
     }
     if buf.starts_with(b"CONNECT ") {
@@ -152,17 +159,18 @@ fn identify(server: &Server, o: &Opening, now: Instant) -> Result<TunnelId, Refu
     };
     let peer = match authenticated {
         Some((peer, p)) => {
-            server
-                .hub
-                .identify_as(peer, &o.first)
-                .context("first message")?;
             let mut slot = server
                 .peer(peer as TunnelId)
                 .ok_or_else(|| anyhow!("peer {peer} vanished"))?;
+            // The preamble is authentic whatever follows it: its counter is used up now.
             if !slot.instances.check(p.instance, p.counter) {
                 server.stats.limits.hit(LimitKind::PreambleReplay);
                 return Err(Refused::Replay);
             }
+            server
+                .hub
+                .identify_as(peer, &o.first)
+                .context("first message")?;
             if kind == MessageKind::Initiation && !slot.handshakes.try_take(now) {
                 server.stats.limits.hit(LimitKind::PeerHandshakes);
                 return Err(Refused::PeerBudget);

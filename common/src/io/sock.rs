@@ -195,6 +195,26 @@ fn udp_connected(server: SocketAddr, device: Option<&str>) -> io::Result<UdpSock
     UdpSocket::from_std(std::net::UdpSocket::from(sock))
 }
 
+/// Accept queue of the listeners: floods of connects arrive in bursts, and a SYN dropped for a
+/// full queue costs a legitimate client a one-second retransmission. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener on `addr` with address reuse and a [`LISTEN_BACKLOG`]-deep accept queue
+/// (tokio's `bind` uses 1024). A `[::]` address accepts IPv4 too.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(LISTEN_BACKLOG)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped at `fs.nr_open` when the hard
 /// limit is unlimited). Returns `(old_soft, new_soft)`.
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {

@@ -2,7 +2,8 @@
 //! (`/` is `index.html`), `PUT`/`POST` reads the body (Content-Length) and answers the
 //! sha256 hex of it; `GET /whoami` answers the client's IP address as the server sees it
 //! (and, unlike the other paths, keeps an HTTP/1.1 connection open unless the request says
-//! `Connection: close`, so a test can ask again later on the same connection). One request
+//! `Connection: close`, so a test can ask again later on the same connection); `GET /host`
+//! answers the request's `Host` header values, one per line. One request
 //! per connection otherwise, one thread per connection, bounded.
 
 use std::fs::File;
@@ -41,6 +42,8 @@ struct Request {
     expect_continue: bool,
     /// HTTP/1.1 without `Connection: close`.
     keep_alive: bool,
+    /// Every `Host` header value, in order (`GET /host` answers them).
+    hosts: Vec<String>,
     /// Body bytes read together with the head.
     rest: Vec<u8>,
 }
@@ -101,6 +104,10 @@ fn serve(mut stream: TcpStream, dir: &std::path::Path, peer: &str) -> Result<()>
             None => return Ok(()),
         }
     }
+    if req.method == "GET" && req.path == "/host" {
+        let body = format!("{}\n", req.hosts.join("\n"));
+        return respond(&mut stream, 200, &body);
+    }
     match req.method.as_str() {
         "GET" | "HEAD" => serve_file(&mut stream, dir, &req, peer),
         "PUT" | "POST" => receive(&mut stream, req, peer),
@@ -149,7 +156,11 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Request>> {
                 let mut content_length = None;
                 let mut expect_continue = false;
                 let mut close = false;
+                let mut hosts = Vec::new();
                 for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("host") {
+                        hosts.push(String::from_utf8_lossy(h.value).into_owned());
+                    }
                     if h.name.eq_ignore_ascii_case("content-length") {
                         content_length = std::str::from_utf8(h.value)
                             .ok()
@@ -168,6 +179,7 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Request>> {
                     content_length,
                     expect_continue,
                     keep_alive: req.version == Some(1) && !close,
+                    hosts,
                     rest: buf[len..filled].to_vec(),
                 }));
             }
