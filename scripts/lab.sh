@@ -4,12 +4,15 @@
 #   scripts/lab.sh            run, report, tear down
 #   scripts/lab.sh --keep     leave it running (prints how to enter and how to tear down)
 #   scripts/lab.sh --teardown vlab
-# Needs root (network namespaces), iproute2, nftables, curl.
+# Needs root (network namespaces); installs iproute2, nftables, curl when missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ $(id -u) -ne 0 ]]; then
   echo "lab.sh: needs root (network namespaces); run it as root" >&2
   exit 1
 fi
-cargo build --workspace --bins
-exec target/debug/lab "$@"
+if [[ ${1:-} != --teardown ]]; then
+  ./scripts/deps.sh --lab
+fi
+cargo build --release --workspace --bins
+exec target/release/lab "$@"

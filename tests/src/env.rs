@@ -30,7 +30,7 @@ pub fn try_bin(name: &str) -> Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.is_file() {
         bail!(
-            "{} not found; build the binaries first: cargo build --workspace --bins",
+            "{} not found; build the binaries first: cargo build --release --workspace --bins",
             path.display()
         );
     }

@@ -1,6 +1,6 @@
 //! End-to-end tests with the real binaries in network namespaces (see `tests::lab`).
 //! Each test builds its own topology; all need root (or `VPN_E2E=skip`) and
-//! `cargo build --workspace --bins` first.
+//! `cargo build --release --workspace --bins` first (run them with `--release`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! End-to-end tests of hostname CONNECT targets: the seed server asks the shoot's DNS server
 //! (the `dnsserver` responder in the pod namespace) through the tunnel. Need root (or
-//! `VPN_E2E=skip`) and `cargo build --workspace --bins` first.
+//! `VPN_E2E=skip`) and `cargo build --release --workspace --bins` first (run them with `--release`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! ingress (see `tests::halab`). Client failure, restart, server failure, rolling restarts and
 //! a silently black-holed client, each under a steady load of new connections. The tests run
 //! one at a time (they measure failover windows on a small machine); all need root (or
-//! `VPN_E2E=skip`) and `cargo build --workspace --bins` first.
+//! `VPN_E2E=skip`) and `cargo build --release --workspace --bins` first (run them with `--release`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::{Mutex, MutexGuard};

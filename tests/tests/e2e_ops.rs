@@ -3,7 +3,7 @@
 //! Secret symlink swap, graceful shutdown on SIGTERM (drain, exit codes, cleanup), and a real
 //! Prometheus scraping a pod through the egress proxy. All need root (or `VPN_E2E=skip`),
 //! the Debian package `prometheus` (for `promtool` and `prometheus`) and
-//! `cargo build --workspace --bins` first.
+//! `cargo build --release --workspace --bins` first (run them with `--release`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};

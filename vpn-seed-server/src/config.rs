@@ -19,6 +19,10 @@ Endpoints on --metrics-listen (default :15000): /healthz (liveness), /readyz, /m
 SIGTERM: the proxy listeners close, open proxied connections drain for up to
 --shutdown-timeout, then the routes are removed.
 
+Every bound that hostile input can run into (pending streams, handshakes per second, TLS
+handshakes, pending proxy connections, dials, DNS lookups, flows, log lines) is a flag below
+with a safe default; each hit counts in vpn_seed_limit_hits_total{limit}. See SECURITY.md.
+
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 a component failed; 2 configuration errors
 (all printed at once); 3 stopped by a signal with connections still open at the drain
 deadline.";
@@ -655,6 +659,61 @@ mod tests {
         ];
         a.extend_from_slice(extra);
         Args::try_parse_from(a).unwrap().validate()
+    }
+
+    #[test]
+    fn limits_and_socket_settings() {
+        let c = dns_args(&[]).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!((c.proxy_uds_mode, c.proxy_uds_gid), (0o660, None));
+        let c = dns_args(&[
+            "--max-pending-streams",
+            "10",
+            "--preauth-timeout",
+            "500ms",
+            "--handshakes-per-second",
+            "7",
+            "--tunnel-queue-size",
+            "1MiB",
+            "--max-tls-handshakes",
+            "3",
+            "--proxy-uds-mode",
+            "0600",
+            "--proxy-uds-group",
+            "4242",
+        ])
+        .unwrap();
+        assert_eq!(c.limits.pending_streams, 10);
+        assert_eq!(c.limits.preauth_timeout, Duration::from_millis(500));
+        assert_eq!(c.limits.handshakes_per_second, 7);
+        assert_eq!(c.limits.frames_queued_per_tunnel, 1 << 20);
+        assert_eq!(c.limits.proxy_tls_handshakes, 3);
+        assert_eq!((c.proxy_uds_mode, c.proxy_uds_gid), (0o600, Some(4242)));
+        let all = dns_args(&[
+            "--max-pending-streams",
+            "0",
+            "--preauth-timeout",
+            "0s",
+            "--tunnel-queue-size",
+            "1KiB",
+            "--proxy-uds-mode",
+            "999",
+            "--proxy-uds-group",
+            "no-such-group-here",
+            "--max-flows=-1",
+        ])
+        .unwrap_err()
+        .join("\n");
+        for want in [
+            "--max-pending-streams must be at least 1",
+            "--preauth-timeout must be positive",
+            "--tunnel-queue-size 1024",
+            "--proxy-uds-mode \"999\"",
+            "--proxy-uds-group \"no-such-group-here\"",
+            "--max-flows \"-1\"",
+        ] {
+            assert!(all.contains(want), "{want} missing in:\n{all}");
+        }
     }
 
     #[test]

@@ -79,7 +79,7 @@ fn run(args: &Args) -> Result<()> {
         .collect();
     if !existing.is_empty() {
         bail!(
-            "a lab with prefix {p} exists ({}); remove it first: target/debug/lab --teardown {p}",
+            "a lab with prefix {p} exists ({}); remove it first: scripts/lab.sh --teardown {p}",
             existing.join(", "),
             p = args.prefix
         );
@@ -264,7 +264,7 @@ fn run(args: &Args) -> Result<()> {
             d = dir.display()
         );
         println!(
-            "Tear down:           target/debug/lab --teardown {}",
+            "Tear down:           scripts/lab.sh --teardown {}",
             args.prefix
         );
     } else {
