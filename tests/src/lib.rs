@@ -7,6 +7,7 @@
 //! the end-to-end tests and by `scripts/lab.sh`.
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod env;
 pub mod halab;
@@ -15,6 +16,7 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod soak;
 pub mod tmp;
 pub mod wait;
 

@@ -492,7 +492,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
             let (closed, total) =
                 l.gw.in_ns(|| {
                     let src = sources();
-                    let floods = vec![
+                    let floods = [
                         Flood::open_from(&src, addr, 1000, |i| random_bytes(1 + i % 300)),
                         Flood::open_from(&src, addr, 1000, |i| {
                             [&PREAMBLE_V1[..], &inits[i % inits.len()]].concat()
