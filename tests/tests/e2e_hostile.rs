@@ -25,8 +25,8 @@ use tests::hostile::{
     send_raw4, status_after, tcp4, tls_client_config, tls_connect, udp4, Flood, PREAMBLE_V1,
 };
 use tests::lab::{
-    sha256_file, Lab, LabOptions, CLIENT_METRICS, INGRESS, POD_INDEX, POD_V4, PROXY_TCP,
-    SEED_METRICS, SEED_TUNNEL, START_TIMEOUT,
+    sha256_file, Lab, LabOptions, CLIENT_METRICS, POD_INDEX, POD_V4, PROXY_TCP, SEED_METRICS,
+    SEED_TUNNEL, START_TIMEOUT,
 };
 use tests::wait::{http_status, wait_until};
 use tests::{e2e_guard, try_bin};
@@ -1032,7 +1032,11 @@ fn hostile_dns_answers_are_refused() {
     if !e2e_guard() {
         return;
     }
-    let mut lab = Lab::new(LabOptions::default()).unwrap();
+    let mut lab = Lab::new(LabOptions {
+        big_file: true,
+        ..Default::default()
+    })
+    .unwrap();
     lab.start_pod_server().unwrap();
     let records = [
         "loop.example=127.0.0.1",
@@ -1064,6 +1068,7 @@ fn hostile_dns_answers_are_refused() {
     lab.start_seed_server_with(&args).unwrap();
     lab.start_shoot_client().unwrap();
     lab.wait_tunnel(START_TIMEOUT).unwrap();
+    let bulk = Bulk::start(&lab);
     for name in [
         "loop.example",
         "seed.example",
@@ -1079,5 +1084,6 @@ fn hostile_dns_answers_are_refused() {
     }
     let req = b"CONNECT good.example:8080 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     assert_eq!(uds_status(&lab, req), 200);
-    let _ = INGRESS;
+    fresh_connect(&lab, "the hostile answers");
+    assert!(bulk.finish() >= 1);
 }

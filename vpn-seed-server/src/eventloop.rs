@@ -526,7 +526,9 @@ async fn accept_proxy_tls(
                 }
             };
             match res {
-                Ok(Ok(s)) => proxy.serve(s, remote.to_string(), pending).await,
+                // Boxed: the request's state is allocated once the handshake is done, not by
+                // every connection still waiting for its ClientHello.
+                Ok(Ok(s)) => Box::pin(proxy.serve(s, remote.to_string(), pending)).await,
                 Ok(Err(e)) => {
                     common::warn_limited!("proxy_tls_refused", %remote, error = %e, "proxy TLS handshake refused")
                 }
