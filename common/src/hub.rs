@@ -407,20 +407,16 @@ mod tests {
     #[test]
     fn preamble_names_the_peer_without_key_work() {
         use crate::preamble::{parse_preamble, Preamble};
-        let server = key();
         let (a, b, stranger) = (key(), key(), key());
         let hub = Hub::new(
-            server.clone(),
-            vec![
-                PeerConfig {
-                    public: PublicKey::from(&a),
+            key(),
+            [&a, &b]
+                .iter()
+                .map(|k| PeerConfig {
+                    public: PublicKey::from(*k),
                     psk: None,
-                },
-                PeerConfig {
-                    public: PublicKey::from(&b),
-                    psk: None,
-                },
-            ],
+                })
+                .collect(),
         )
         .unwrap();
         let sp = *hub.public();

@@ -506,6 +506,32 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Starts everything like [`Lab::up`], plus a DNS responder in the pod (`dnsserver` on
+    /// `POD_V4:53` answering `records`, each `name=ip`) that the seed server uses as the
+    /// shoot's DNS server (`--dns-timeout 1s`).
+    pub fn up_with_dns(opts: LabOptions, records: &[String]) -> Result<Self> {
+        let mut lab = Self::new(opts)?;
+        lab.start_pod_server()?;
+        let mut args = vec!["--listen".to_string(), format!("{POD_V4}:53")];
+        for r in records {
+            args.extend(["--record".to_string(), r.clone()]);
+        }
+        let pod_ns = lab.pod.name().to_owned();
+        lab.spawn_in("dnsserver", &pod_ns, &try_bin("dnsserver")?, &args)?;
+        lab.wait_proc("dnsserver", START_TIMEOUT, "the DNS responder", |l| {
+            l.proc("dnsserver")
+                .is_some_and(|p| p.log().contains("listening"))
+        })?;
+        lab.start_ingress()?;
+        let (_, client) = lab.keys()?;
+        let mut args = lab.seed_server_args(&[client.public])?;
+        args.extend(["--shoot-dns-server", POD_V4, "--dns-timeout", "1s"].map(String::from));
+        lab.start_seed_server_with(&args)?;
+        lab.start_shoot_client()?;
+        lab.wait_tunnel(START_TIMEOUT)?;
+        Ok(lab)
+    }
+
     /// The namespace of this lab called `name` (full name).
     pub fn ns_by_name(&self, name: &str) -> Option<&Netns> {
         [&self.seed, &self.gw, &self.shoot, &self.pod]

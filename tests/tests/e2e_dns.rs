@@ -8,46 +8,20 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use tests::client::{connect_uds, expect_silence, http_get, ConnectReply};
-use tests::lab::{Lab, LabOptions, POD_INDEX, POD_V4, POD_V6, START_TIMEOUT};
-use tests::{e2e_guard, try_bin};
+use tests::e2e_guard;
+use tests::lab::{Lab, LabOptions, POD_INDEX, POD_V4, POD_V6};
 
 const IO: Duration = Duration::from_secs(10);
-const DNS_LISTEN: &str = "100.96.1.10:53";
 
 /// The lab with the DNS responder in the pod and the seed server using it (DNS timeout 1 s).
 fn dns_lab() -> Lab {
-    let mut lab = Lab::new(LabOptions::default()).expect("build topology");
-    lab.start_pod_server().unwrap();
     let records = [
         format!("web.default.svc.cluster.local={POD_V4}"),
         format!("v6only.default.svc.cluster.local={POD_V6}"),
         format!("pod.example.org={POD_V4}"),
         "evil.default.svc.cluster.local=192.168.77.1".to_string(),
     ];
-    let mut args = vec!["--listen".to_string(), DNS_LISTEN.to_string()];
-    for r in records {
-        args.extend(["--record".to_string(), r]);
-    }
-    let pod_ns = lab.pod.name().to_owned();
-    lab.spawn_in("dnsserver", &pod_ns, &try_bin("dnsserver").unwrap(), &args)
-        .unwrap();
-    lab.wait_proc("dnsserver", START_TIMEOUT, "the DNS responder", |l| {
-        l.proc("dnsserver")
-            .is_some_and(|p| p.log().contains("listening"))
-    })
-    .unwrap();
-    lab.start_ingress().unwrap();
-    let (_, client) = lab.keys().unwrap();
-    let mut args = lab.seed_server_args(&[client.public]).unwrap();
-    args.extend(
-        ["--shoot-dns-server", POD_V4, "--dns-timeout", "1s"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    lab.start_seed_server_with(&args).unwrap();
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
-    lab
+    Lab::up_with_dns(LabOptions::default(), &records).expect("bring the lab up")
 }
 
 /// CONNECT `target` over the UDS; on 200 a GET of `/index.html` follows.

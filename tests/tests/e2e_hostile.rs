@@ -25,11 +25,11 @@ use tests::hostile::{
     send_raw4, status_after, tcp4, tls_client_config, tls_connect, udp4, Flood, PREAMBLE_V1,
 };
 use tests::lab::{
-    sha256_file, Lab, LabOptions, CLIENT_METRICS, POD_INDEX, POD_V4, PROXY_TCP, SEED_METRICS,
-    SEED_TUNNEL, START_TIMEOUT,
+    sha256_file, Lab, LabOptions, CLIENT_METRICS, POD_INDEX, PROXY_TCP, SEED_METRICS, SEED_TUNNEL,
+    START_TIMEOUT,
 };
 use tests::wait::{http_status, wait_until};
-use tests::{e2e_guard, try_bin};
+use tests::e2e_guard;
 
 const POD_TARGET: &str = "100.96.1.10:8080";
 const IO: Duration = Duration::from_secs(10);
@@ -1032,12 +1032,6 @@ fn hostile_dns_answers_are_refused() {
     if !e2e_guard() {
         return;
     }
-    let mut lab = Lab::new(LabOptions {
-        big_file: true,
-        ..Default::default()
-    })
-    .unwrap();
-    lab.start_pod_server().unwrap();
     let records = [
         "loop.example=127.0.0.1",
         "seed.example=192.168.77.1",
@@ -1048,26 +1042,13 @@ fn hostile_dns_answers_are_refused() {
         "mapped.example=::ffff:127.0.0.1",
         "linklocal.example=fe80::1",
         "good.example=100.96.1.10",
-    ];
-    let mut args = vec!["--listen".to_string(), format!("{POD_V4}:53")];
-    for r in records {
-        args.extend(["--record".to_string(), r.to_string()]);
-    }
-    let pod_ns = lab.pod.name().to_owned();
-    lab.spawn_in("dnsserver", &pod_ns, &try_bin("dnsserver").unwrap(), &args)
-        .unwrap();
-    lab.wait_proc("dnsserver", START_TIMEOUT, "the DNS responder", |l| {
-        l.proc("dnsserver")
-            .is_some_and(|p| p.log().contains("listening"))
-    })
-    .unwrap();
-    lab.start_ingress().unwrap();
-    let (_, client) = lab.keys().unwrap();
-    let mut args = lab.seed_server_args(&[client.public]).unwrap();
-    args.extend(["--shoot-dns-server", POD_V4, "--dns-timeout", "1s"].map(String::from));
-    lab.start_seed_server_with(&args).unwrap();
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
+    ]
+    .map(String::from);
+    let opts = LabOptions {
+        big_file: true,
+        ..Default::default()
+    };
+    let lab = Lab::up_with_dns(opts, &records).unwrap();
     let bulk = Bulk::start(&lab);
     for name in [
         "loop.example",
