@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# The project's test command (CI runs it as root): unit, property, in-process and netns
-# end-to-end tests, then the deterministic simulation. VPN_E2E=skip skips the netns tests.
+# The project's test command (CI runs it as root, on a fresh clone): installs what the tests
+# call when it is missing, builds the release binaries once, then runs unit, property,
+# in-process and netns end-to-end tests (among them the hostile-input suite, a 60 s soak and
+# 5 chaos rounds, all against the release binaries), the deterministic simulation, and a
+# bounded run of every fuzz target (20 s each; `scripts/fuzz.sh` for long runs).
+#   VPN_E2E=skip           skip the netns tests (they need root)
+#   VPN_DEPLOY_CHECK=skip  skip the manifest checks
+#   VPN_FUZZ=skip          skip the fuzz run
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --workspace --bins
-cargo test --workspace
-cargo test -p common --features sim --test sim
+if [[ ${VPN_E2E:-} != skip || ${VPN_DEPLOY_CHECK:-} != skip ]]; then
+  ./scripts/deps.sh
+fi
+cargo build --release --workspace --bins
+cargo test --release --workspace
+cargo test --release -p common --features sim --test sim
+if [[ ${VPN_FUZZ:-} != skip ]]; then
+  ./scripts/fuzz.sh "${VPN_FUZZ_SECONDS:-20}"
+fi

@@ -290,13 +290,18 @@ fn is_field_value(s: &str) -> bool {
 /// Formats a CONNECT request: `CONNECT t HTTP/1.1\r\nHost: t\r\n<h>: <v>\r\n\r\n`.
 ///
 /// The target must be non-empty without spaces or control bytes, header names must be HTTP
-/// tokens and values must not contain CR, LF or other control bytes.
+/// tokens and values must not contain CR, LF or other control bytes. A request that
+/// [`parse_request`] would refuse (more than [`MAX_HEADERS`] fields with `Host`, more than
+/// [`MAX_HEAD_LEN`] bytes) is an error.
 pub fn format_connect_request(
     target: &str,
     extra_headers: &[(&str, &str)],
 ) -> Result<Vec<u8>, HeadError> {
     if target.is_empty() || !target.bytes().all(|b| b > 0x20 && b != 0x7f) {
         return Err(HeadError::InvalidHeaderValue("Host".to_owned()));
+    }
+    if extra_headers.len() >= MAX_HEADERS {
+        return Err(HeadError::TooManyHeaders);
     }
     let mut out = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     for (name, value) in extra_headers {
@@ -312,6 +317,9 @@ pub fn format_connect_request(
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
+    if out.len() > MAX_HEAD_LEN {
+        return Err(HeadError::HeadTooLarge);
+    }
     Ok(out.into_bytes())
 }
 

@@ -265,15 +265,27 @@ struct FragKey {
     dst: IpAddr,
     proto: u8,
     id: u32,
+    dir: Dir,
+}
+
+/// Which way a fragmented datagram travels: its later fragments must travel the same way (a
+/// fragment from the shoot never follows a first fragment the seed sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dir {
+    /// Seed → shoot.
+    ToShoot,
+    /// Shoot → seed.
+    FromShoot,
 }
 
 impl FragKey {
-    fn of(pkt: &PacketView<'_>) -> Option<FragKey> {
+    fn of(pkt: &PacketView<'_>, dir: Dir) -> Option<FragKey> {
         Some(FragKey {
             src: pkt.src(),
             dst: pkt.dst(),
             proto: pkt.protocol(),
             id: pkt.fragment_id()?,
+            dir,
         })
     }
 }
@@ -355,9 +367,15 @@ impl FlowTable {
         self.flows.len() < self.cfg.max_flows
     }
 
-    fn note_first_fragment(&mut self, pkt: &PacketView<'_>, tunnel: TunnelId, now: Instant) {
+    fn note_first_fragment(
+        &mut self,
+        pkt: &PacketView<'_>,
+        dir: Dir,
+        tunnel: TunnelId,
+        now: Instant,
+    ) {
         if pkt.is_fragment() && !pkt.is_fragment_non_first() {
-            if let Some(k) = FragKey::of(pkt) {
+            if let Some(k) = FragKey::of(pkt, dir) {
                 if self.frags.len() >= self.cfg.max_fragments && !self.frags.contains_key(&k) {
                     let idle = self.cfg.fragment_idle;
                     self.frags
@@ -370,11 +388,11 @@ impl FlowTable {
         }
     }
 
-    fn fragment_tunnel(&self, pkt: &PacketView<'_>) -> Option<TunnelId> {
+    fn fragment_tunnel(&self, pkt: &PacketView<'_>, dir: Dir) -> Option<TunnelId> {
         if !pkt.is_fragment_non_first() {
             return None;
         }
-        self.frags.get(&FragKey::of(pkt)?).map(|(t, _)| *t)
+        self.frags.get(&FragKey::of(pkt, dir)?).map(|(t, _)| *t)
     }
 
     /// Seed: chooses the tunnel for a packet read from the seed TUN (seed → shoot).
@@ -402,7 +420,10 @@ impl FlowTable {
                 return Ok(t);
             }
         }
-        if let Some(t) = self.fragment_tunnel(pkt).filter(|t| live.contains(t)) {
+        if let Some(t) = self
+            .fragment_tunnel(pkt, Dir::ToShoot)
+            .filter(|t| live.contains(t))
+        {
             return Ok(t);
         }
         let key = pkt.flow_key().ok_or(DropReason::Malformed)?;
@@ -432,7 +453,7 @@ impl FlowTable {
                 tunnel
             }
         };
-        self.note_first_fragment(pkt, tunnel, now);
+        self.note_first_fragment(pkt, Dir::ToShoot, tunnel, now);
         Ok(tunnel)
     }
 
@@ -464,7 +485,7 @@ impl FlowTable {
                 Some(_) => Ok(()),
             };
         }
-        if let Some(t) = self.fragment_tunnel(pkt) {
+        if let Some(t) = self.fragment_tunnel(pkt, Dir::FromShoot) {
             return if t == from {
                 Ok(())
             } else {
@@ -483,7 +504,7 @@ impl FlowTable {
             Some(f) if f.tunnel != from => return Err(DropReason::WrongTunnel),
             Some(f) => f.touch(pkt, false, now),
         }
-        self.note_first_fragment(pkt, from, now);
+        self.note_first_fragment(pkt, Dir::FromShoot, from, now);
         Ok(())
     }
 
@@ -529,7 +550,7 @@ impl FlowTable {
         if pkt.is_icmp_error() {
             return self.tunnel_of(&pkt.icmp_error_inner()?);
         }
-        if let Some(t) = self.fragment_tunnel(pkt) {
+        if let Some(t) = self.fragment_tunnel(pkt, Dir::FromShoot) {
             return Some(t);
         }
         let key = pkt.flow_key()?;
@@ -542,7 +563,7 @@ impl FlowTable {
         let f = self.flows.get_mut(&key.reversed())?;
         f.touch(pkt, false, now);
         let t = f.tunnel;
-        self.note_first_fragment(pkt, t, now);
+        self.note_first_fragment(pkt, Dir::FromShoot, t, now);
         Some(t)
     }
 }
@@ -812,6 +833,12 @@ mod tests {
             let later = v4_frag(SEED, POD, PROTO_UDP, frag, 99, &[0; 8]);
             assert_eq!(t.outbound(&view(&later), &live, now), Ok(tun));
         }
+        // A later fragment from the shoot never follows a first fragment the seed sent, even
+        // with a source the tunnel may use (the VPN network).
+        let mut with_vpn = shoot();
+        with_vpn.extend(parse_list("192.168.123.0/24").unwrap().iter().copied());
+        let spoofed = v4_frag(SEED, POD, PROTO_UDP, 3, 99, &[0; 8]);
+        assert!(t.inbound(&view(&spoofed), tun, &with_vpn, now).is_err());
         // reply fragments: first admitted as a reply, later ones follow it
         let r_first = v4_frag(POD, SEED, PROTO_UDP, 0x2000, 500, &udp(53, 5353, &[0; 16]));
         let r_later = v4_frag(POD, SEED, PROTO_UDP, 2, 500, &[0; 8]);

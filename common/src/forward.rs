@@ -56,7 +56,7 @@ pub struct Forward {
 }
 
 /// Headers that concern one connection only (RFC 9110 §7.6.1) and proxy credentials.
-const HOP_BY_HOP: [&str; 9] = [
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "proxy-connection",
     "keep-alive",
@@ -240,7 +240,8 @@ pub fn close_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HeadE
     let mut out = Vec::with_capacity(len + 32);
     out.extend_from_slice(
         format!(
-            "HTTP/1.{} {} {}\r\n",
+            // Three digits, as received: `{:03}` keeps a status such as `044` parseable.
+            "HTTP/1.{} {:03} {}\r\n",
             resp.version.unwrap_or(1),
             resp.code.unwrap_or(502),
             resp.reason.unwrap_or("")

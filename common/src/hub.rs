@@ -102,8 +102,12 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    /// Classifies `msg` without any cryptographic work.
+    /// Classifies `msg` without any cryptographic work: the type word (a type byte and three
+    /// zero bytes, as WireGuard requires) and the length.
     pub fn of(msg: &[u8]) -> MessageKind {
+        if msg.get(1..4) != Some(&[0, 0, 0][..]) {
+            return MessageKind::Other;
+        }
         match (msg.first(), msg.len()) {
             (Some(1), 148) => MessageKind::Initiation,
             (Some(2), 92) => MessageKind::Response,
@@ -466,12 +470,24 @@ mod tests {
 
     #[test]
     fn message_kinds_by_shape() {
-        assert_eq!(MessageKind::of(&[1u8; 148]), MessageKind::Initiation);
-        assert_eq!(MessageKind::of(&[1u8; 147]), MessageKind::Other);
-        assert_eq!(MessageKind::of(&[2u8; 92]), MessageKind::Response);
-        assert_eq!(MessageKind::of(&[3u8; 64]), MessageKind::Cookie);
-        assert_eq!(MessageKind::of(&[4u8; 32]), MessageKind::Data);
-        assert_eq!(MessageKind::of(&[4u8; 31]), MessageKind::Other);
+        let msg = |ty: u8, len: usize| {
+            let mut m = vec![7u8; len];
+            if let Some(h) = m.get_mut(..4) {
+                h.copy_from_slice(&[ty, 0, 0, 0]);
+            }
+            m
+        };
+        assert_eq!(MessageKind::of(&msg(1, 148)), MessageKind::Initiation);
+        assert_eq!(MessageKind::of(&msg(1, 147)), MessageKind::Other);
+        assert_eq!(MessageKind::of(&msg(2, 92)), MessageKind::Response);
+        assert_eq!(MessageKind::of(&msg(3, 64)), MessageKind::Cookie);
+        assert_eq!(MessageKind::of(&msg(4, 32)), MessageKind::Data);
+        assert_eq!(MessageKind::of(&msg(4, 31)), MessageKind::Other);
+        assert_eq!(
+            MessageKind::of(&[1u8; 148]),
+            MessageKind::Other,
+            "nonzero type word"
+        );
         assert_eq!(MessageKind::of(&[]), MessageKind::Other);
     }
 
