@@ -5,6 +5,7 @@
 //! Run the fuzzers themselves with `scripts/fuzz.sh`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests set up files and clocks
 
 #[path = "../../fuzz/src/lib.rs"]
 mod harness;

@@ -7,6 +7,7 @@
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests set up files and clocks
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -10,6 +10,7 @@
 #![cfg(feature = "sim")]
 // Test harness: a failed step must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests set up files and clocks
 
 use std::time::{Duration, Instant};
 

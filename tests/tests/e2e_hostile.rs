@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tests::client::{connect_uds, http_get, read_head, status_of};
+use tests::e2e_guard;
 use tests::halab::{http_text, metric};
 use tests::hostile::{
     client_hello, cpu_time, icmp4_unreachable, initiations, random_bytes, rss_kib, send_and_watch,
@@ -29,7 +30,6 @@ use tests::lab::{
     START_TIMEOUT,
 };
 use tests::wait::{http_status, wait_until};
-use tests::e2e_guard;
 
 const POD_TARGET: &str = "100.96.1.10:8080";
 const IO: Duration = Duration::from_secs(10);
@@ -380,7 +380,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
         },
     );
     case(&mut lab, &bulk, "wrong preambles", false, |l| {
-        let client_key = common::keys::load_private_key(&client.private_file).unwrap();
+        let client_key = common::io::keyfile::load_private_key(&client.private_file).unwrap();
         let hint = common::preamble::key_hint(&x25519_dalek::PublicKey::from(&client_key));
         l.gw.in_ns(|| {
             for pre in [
@@ -463,7 +463,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
         "replayed authenticated preamble",
         false,
         |l| {
-            let client_key = common::keys::load_private_key(&client.private_file).unwrap();
+            let client_key = common::io::keyfile::load_private_key(&client.private_file).unwrap();
             let server_pub = common::keys::parse_public_key(&seed.public).unwrap();
             let key = common::preamble::PreambleKey::for_client(&client_key, &server_pub).unwrap();
             let pre = key.preamble(0x5eed, 1);

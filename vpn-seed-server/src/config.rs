@@ -477,7 +477,7 @@ impl Args {
             }
         }
         if let Some(dir) = &self.peers_dir {
-            match common::keys::load_public_keys_dir(dir) {
+            match common::io::keyfile::load_public_keys_dir(dir) {
                 Ok(keys) if keys.is_empty() => {
                     errs.push(format!("--peers-dir {}: holds no key file", dir.display()))
                 }

@@ -227,11 +227,12 @@ impl Health for Server {
 
 /// Builds the shared state from the configuration (keys, hub, sessions).
 fn build_server(cfg: &Config) -> Result<Server> {
-    let private = common::keys::load_private_key(&cfg.private_key_file)
+    let private = common::io::keyfile::load_private_key(&cfg.private_key_file)
         .with_context(|| format!("private key {}", cfg.private_key_file.display()))?;
     let psk = match &cfg.preshared_key_file {
         Some(p) => Some(
-            common::keys::load_psk(p).with_context(|| format!("pre-shared key {}", p.display()))?,
+            common::io::keyfile::load_psk(p)
+                .with_context(|| format!("pre-shared key {}", p.display()))?,
         ),
         None => None,
     };

@@ -193,12 +193,13 @@ pub async fn run(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<common::io::process::Stopped> {
-    let private = common::keys::load_private_key(&cfg.private_key_file)
+    let private = common::io::keyfile::load_private_key(&cfg.private_key_file)
         .with_context(|| format!("private key {}", cfg.private_key_file.display()))?;
     let server_public = common::keys::parse_public_key(&cfg.server_public_key)?;
     let psk = match &cfg.preshared_key_file {
         Some(p) => Some(
-            common::keys::load_psk(p).with_context(|| format!("pre-shared key {}", p.display()))?,
+            common::io::keyfile::load_psk(p)
+                .with_context(|| format!("pre-shared key {}", p.display()))?,
         ),
         None => None,
     };

@@ -2,6 +2,7 @@
 
 pub mod framed;
 pub mod health;
+pub mod keyfile;
 pub mod log;
 pub mod netlink;
 pub mod nft;
