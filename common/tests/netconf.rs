@@ -192,6 +192,7 @@ async fn read_tcp_to(dev: &tun_rs::AsyncDevice, dst: Ipv4Addr, offload: bool) ->
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn tun_has_addresses_mtu_and_carries_packets() {
     in_netns(|ns| async move {
         let ns = view(&ns);
@@ -284,6 +285,7 @@ fn tun_has_addresses_mtu_and_carries_packets() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn seed_routing_steers_bound_sockets_through_the_tun() {
     in_netns(|ns| async move {
         let ns = view(&ns);
@@ -375,6 +377,7 @@ fn seed_routing_steers_bound_sockets_through_the_tun() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn vpn_routes_are_idempotent_and_deletable() {
     in_netns(|ns| async move {
         let ns = view(&ns);
@@ -472,6 +475,7 @@ fn chain_rules(table: &str, chain: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn shoot_nat_is_idempotent_and_removable() {
     in_netns(|ns| async move {
         let ns = view(&ns);
@@ -534,6 +538,7 @@ fn shoot_nat_is_idempotent_and_removable() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn sysctls_apply_to_the_namespace_only() {
     let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
     in_netns(move |ns| async move {
@@ -579,6 +584,7 @@ fn sysctls_apply_to_the_namespace_only() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn connect_bound_reports_refused_timeout_and_unreachable() {
     in_netns(|ns| async move {
         let ns = view(&ns);

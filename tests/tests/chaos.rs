@@ -8,6 +8,7 @@ use tests::chaos::{self, ChaosOptions, Target};
 use tests::e2e_guard;
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn chaos_5_rounds() {
     if !e2e_guard() {
         return;

@@ -50,6 +50,7 @@ fn uds_get(lab: &Lab, target: &str) -> (ConnectReply, u16, String) {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn a_apiserver_reaches_the_pod_over_mtls_and_uds() {
     let Some(lab) = lab(LabOptions::default()) else {
         return;
@@ -67,6 +68,7 @@ fn a_apiserver_reaches_the_pod_over_mtls_and_uds() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn b_bulk_download_and_upload_keep_their_hash() {
     let Some(lab) = lab(LabOptions {
         big_file: true,
@@ -103,6 +105,7 @@ fn b_bulk_download_and_upload_keep_their_hash() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn c_proxy_answers_403_503_502_504_in_time() {
     if !e2e_guard() {
         return;
@@ -181,6 +184,7 @@ fn c_proxy_answers_403_503_502_504_in_time() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn d_tls_listener_requires_a_trusted_client_certificate() {
     let Some(lab) = lab(LabOptions::default()) else {
         return;
@@ -233,6 +237,7 @@ fn d_tls_listener_requires_a_trusted_client_certificate() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn e_ingress_restart_during_a_download_is_survived() {
     let Some(mut lab) = lab(LabOptions {
         big_file: true,
@@ -325,6 +330,7 @@ fn e_ingress_restart_during_a_download_is_survived() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn f_ipv6_pod_is_reachable() {
     let Some(lab) = lab(LabOptions::default()) else {
         return;
@@ -338,6 +344,7 @@ fn f_ipv6_pod_is_reachable() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn g_shoot_network_overlapping_a_seed_network() {
     let Some(lab) = lab(LabOptions {
         seed_local: true,
@@ -362,6 +369,7 @@ fn g_shoot_network_overlapping_a_seed_network() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn h_unknown_client_key_is_refused_and_peers_are_unaffected() {
     let Some(mut lab) = lab(LabOptions {
         second_shoot: true,

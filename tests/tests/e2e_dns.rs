@@ -43,6 +43,7 @@ fn refused(lab: &Lab, target: &str) -> (ConnectReply, String) {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn hostname_targets_resolve_through_the_shoot_dns() {
     if !e2e_guard() {
         return;
@@ -106,6 +107,7 @@ fn hostname_targets_resolve_through_the_shoot_dns() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn hostname_targets_without_a_dns_server_get_502() {
     if !e2e_guard() {
         return;

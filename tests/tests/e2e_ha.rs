@@ -60,6 +60,7 @@ fn describe(attempts: &[Attempt], t0: Instant) -> String {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
     let _serial = serial();
     let Some(lab) = ha(HaOptions {
@@ -90,6 +91,7 @@ fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_b_kill9_client_a_under_load() {
     let _serial = serial();
     let Some(mut lab) = ha(HaOptions::default()) else {
@@ -172,6 +174,7 @@ fn ha_b_kill9_client_a_under_load() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
     let _serial = serial();
     let Some(mut lab) = ha(HaOptions::default()) else {
@@ -206,6 +209,7 @@ fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_d_kill9_server_1_and_restart_it() {
     let _serial = serial();
     let Some(mut lab) = ha(HaOptions::default()) else {
@@ -258,6 +262,7 @@ fn ha_d_kill9_server_1_and_restart_it() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_e_rolling_restart_of_both_clients_under_load() {
     let _serial = serial();
     let Some(mut lab) = ha(HaOptions::default()) else {
@@ -297,6 +302,7 @@ fn ha_e_rolling_restart_of_both_clients_under_load() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_f_blackholed_client_is_dropped_and_rejoins() {
     let _serial = serial();
     let Some(mut lab) = ha(HaOptions {

@@ -331,6 +331,7 @@ fn peak_rss_during<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64) {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
     let _serial = serial();
     let Some(mut lab) = hostile_lab() else {
@@ -649,6 +650,7 @@ fn uds_status(lab: &Lab, request: &[u8]) -> u16 {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
     use std::os::unix::fs::PermissionsExt;
     let _serial = serial();
@@ -900,6 +902,7 @@ fn seed_port_of_pod_flow(lab: &Lab) -> u16 {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn packets_from_the_shoot_never_reach_the_seed() {
     let _serial = serial();
     let Some(mut lab) = hostile_lab() else {
@@ -1027,6 +1030,7 @@ fn packets_from_the_shoot_never_reach_the_seed() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn hostile_dns_answers_are_refused() {
     let _serial = serial();
     if !e2e_guard() {

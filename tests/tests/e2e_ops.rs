@@ -218,6 +218,7 @@ fn nft_tables(ns: &Netns) -> String {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn metrics_pass_promtool() {
     if !e2e_guard() {
         return;
@@ -439,6 +440,7 @@ fn der(pem: &str) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn proxy_certificate_reload_with_symlink_swap() {
     if !e2e_guard() {
         return;
@@ -526,6 +528,7 @@ fn proxy_certificate_reload_with_symlink_swap() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn sigterm_drains_open_connections() {
     let Some(mut lab) = lab(LabOptions::default()) else {
         return;
@@ -616,6 +619,7 @@ fn sigterm_drains_open_connections() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn sigterm_drain_timeout_exits_3() {
     if !e2e_guard() {
         return;
@@ -671,6 +675,7 @@ fn answers(lab: &Lab, code: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn prometheus_scrapes_a_pod_through_the_proxy() {
     if !e2e_guard() {
         return;

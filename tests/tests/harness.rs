@@ -79,6 +79,7 @@ fn curl_shoot(lab: &Lab, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn topology_isolates_the_seed_and_the_shoot_reaches_the_pod() {
     if !e2e_guard() {
         return;
@@ -110,6 +111,7 @@ fn topology_isolates_the_seed_and_the_shoot_reaches_the_pod() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ingress_routes_connect_by_header_for_curl() {
     let Some(lab) = ingress_lab() else { return };
     let proxy = [
@@ -141,6 +143,7 @@ fn ingress_routes_connect_by_header_for_curl() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ingress_keeps_early_bytes_and_half_close() {
     let Some(lab) = ingress_lab() else { return };
     let mut s = shoot_stream(&lab);
@@ -173,6 +176,7 @@ fn ingress_keeps_early_bytes_and_half_close() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ingress_rejects_what_it_cannot_route() {
     let Some(lab) = ingress_lab() else { return };
     let cases: [(&[u8], u16); 5] = [
@@ -210,6 +214,7 @@ fn ingress_rejects_what_it_cannot_route() {
 }
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn bulk_upload_and_download_through_the_ingress_keep_their_hash() {
     let Some(lab) = ingress_lab() else { return };
     let file = lab.dir().join("pod-www").join("mid.bin");

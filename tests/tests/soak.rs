@@ -9,6 +9,7 @@ use tests::e2e_guard;
 use tests::soak::{self, SoakOptions};
 
 #[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn soak_60s_with_ingress_kills() {
     if !e2e_guard() {
         return;

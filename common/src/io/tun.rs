@@ -8,7 +8,7 @@
 //! Without offload (`TunConfig::offload == false`), every read is one IP packet and every
 //! write takes one IP packet:
 //!
-//! ```ignore
+//! ```text
 //! let mut buf = vec![0u8; usize::from(mtu)];
 //! let n = dev.recv(&mut buf).await?;   // one packet in buf[..n]
 //! dev.send(&packet).await?;            // one packet
@@ -18,7 +18,7 @@
 //! and accepts TCP/UDP super-packets of up to 64 KiB behind a 10-byte virtio-net header;
 //! `tun-rs` splits and coalesces them:
 //!
-//! ```ignore
+//! ```text
 //! use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 //! // receive: one read, split into up to IDEAL_BATCH_SIZE MTU-sized packets
 //! let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
