@@ -360,6 +360,7 @@ pub async fn run(
         dial_timeout: cfg.dial_timeout,
         limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         dials: Arc::new(Semaphore::new(cfg.limits.pending_dials)),
+        lingering: Arc::new(Semaphore::new(crate::proxy::MAX_LINGERING)),
         tuning: TcpTuning::default(),
         resolver: crate::proxy::Resolver::from_config(&cfg),
     });

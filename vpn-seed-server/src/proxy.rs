@@ -26,6 +26,12 @@ use crate::state::{answer_slot, inc, lock, Pending, Server};
 
 /// Time a forwarded request's upstream has to start its answer.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Refused connections that drain their input at once before they are closed.
+pub const MAX_LINGERING: usize = 64;
+/// Most bytes drained from a refused connection.
+const LINGER_BYTES: usize = 256 * 1024;
+/// Longest time a refused connection drains.
+const LINGER_TIME: Duration = Duration::from_secs(1);
 /// Names whose address is cached.
 const DNS_CACHE_NAMES: usize = 1024;
 /// Longest time an address stays cached (shorter when the record's TTL is).
@@ -197,6 +203,8 @@ pub struct ProxyContext {
     pub limit: Arc<Semaphore>,
     /// Dials in flight.
     pub dials: Arc<Semaphore>,
+    /// Refused connections draining their input before the close ([`MAX_LINGERING`]).
+    pub lingering: Arc<Semaphore>,
     pub tuning: TcpTuning,
     /// Resolver of hostname targets (`--shoot-dns-server`); None answers them 502.
     pub resolver: Option<Resolver>,
@@ -313,6 +321,7 @@ impl ProxyContext {
                     .write_all(&format_response(code, reason, &body))
                     .await;
                 let _ = client.shutdown().await;
+                self.linger(&mut client).await;
             }
             Ok(Opened {
                 target,
@@ -343,6 +352,28 @@ impl ProxyContext {
                 tracing::debug!(client = %peer, %target, result = ?res, "proxied connection closed");
             }
         }
+    }
+
+    /// After a refusal: reads and discards what the client still sends (a bounded amount, for
+    /// a short time) before the connection is dropped. Closing with unread bytes makes the
+    /// kernel answer with a reset, which can destroy the refusal before the client read it
+    /// (e.g. a 400 for an oversize head the client is still writing). At most
+    /// [`MAX_LINGERING`] connections linger at once; the others close at once.
+    async fn linger<S: AsyncRead + Unpin>(&self, client: &mut S) {
+        let Ok(_slot) = self.lingering.clone().try_acquire_owned() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
     }
 
     /// Reads and authorizes the request and dials the target; the permit bounds open
