@@ -313,7 +313,9 @@ impl ProxyContext {
     /// request in absolute form, forwarded once with `Connection: close`).
     pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String, pending: Pending) {
         let started = Instant::now();
-        match self.open(&mut client, pending).await {
+        // Boxed, like the refusal's linger below: their state (head buffer, resolver, dial) is
+        // freed once done instead of staying in every open connection's future.
+        match Box::pin(self.open(&mut client, pending)).await {
             Err((target, Refusal(code, reason, body))) => {
                 inc(&self.server.stats.proxy_answers[answer_slot(code)]);
                 common::warn_limited!(refusal_reason(code), client = %peer, %target, code, reason = %body, "request refused");
@@ -321,7 +323,7 @@ impl ProxyContext {
                     .write_all(&format_response(code, reason, &body))
                     .await;
                 let _ = client.shutdown().await;
-                self.linger(&mut client).await;
+                Box::pin(self.linger(&mut client)).await;
             }
             Ok(Opened {
                 target,
