@@ -25,8 +25,23 @@ use crate::packet::{
     FlowKey, PacketView, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-/// Identifies one tunnel (one peer stream) within a process.
-pub type TunnelId = u64;
+/// Identifies one tunnel within a process: a peer of the seed server, a seed server replica of
+/// the shoot client. Its value is the tunnel's position in the node's slot list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TunnelId(pub u32);
+
+impl TunnelId {
+    /// The position of the tunnel's slot.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// Limits and idle timeouts of a [`FlowTable`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,7 +635,7 @@ mod tests {
     #[test]
     fn pinning_is_stable_and_spread() {
         let now = Instant::now();
-        let live = [10, 20, 30];
+        let live = [TunnelId(10), TunnelId(20), TunnelId(30)];
         let mut t = FlowTable::new(FlowConfig::default());
         let mut counts = HashMap::new();
         for port in 30000..30300 {
@@ -651,8 +666,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::new(FlowConfig::default());
         let nets = shoot();
-        let pinned = t.outbound(&view(&syn(40000)), &[1, 2], now).unwrap();
-        let other = if pinned == 1 { 2 } else { 1 };
+        let pinned = t
+            .outbound(&view(&syn(40000)), &[TunnelId(1), TunnelId(2)], now)
+            .unwrap();
+        let other = TunnelId(if pinned == TunnelId(1) { 2 } else { 1 });
         assert_eq!(
             t.inbound(&view(&synack(40000)), other, &nets, now),
             Err(DropReason::WrongTunnel)
@@ -688,11 +705,11 @@ mod tests {
         // unsolicited SYN from the shoot into the seed
         let syn_in = v4(POD, SEED, PROTO_TCP, &tcp(5555, 22, TCP_SYN));
         assert_eq!(
-            t.inbound(&view(&syn_in), 1, &nets, now),
+            t.inbound(&view(&syn_in), TunnelId(1), &nets, now),
             Err(DropReason::UnknownFlow)
         );
         // a bare SYN matching an existing flow's reverse tuple is no reply either
-        let tun = t.outbound(&view(&syn(40000)), &[1], now).unwrap();
+        let tun = t.outbound(&view(&syn(40000)), &[TunnelId(1)], now).unwrap();
         let syn_rev = v4(POD, SEED, PROTO_TCP, &tcp(10250, 40000, TCP_SYN));
         assert_eq!(
             t.inbound(&view(&syn_rev), tun, &nets, now),
@@ -700,13 +717,13 @@ mod tests {
         );
         let udp_in = v4(POD, SEED, PROTO_UDP, &udp(53, 53, b""));
         assert_eq!(
-            t.inbound(&view(&udp_in), 1, &nets, now),
+            t.inbound(&view(&udp_in), TunnelId(1), &nets, now),
             Err(DropReason::UnknownFlow)
         );
         assert_eq!(t.len(), 1, "inbound never creates flows");
         // ping: echo reply accepted, echo request from the shoot refused
         let req = v4(SEED, POD, PROTO_ICMP, &icmp(8, 0, 77, b""));
-        let tun = t.outbound(&view(&req), &[1], now).unwrap();
+        let tun = t.outbound(&view(&req), &[TunnelId(1)], now).unwrap();
         let rep = v4(POD, SEED, PROTO_ICMP, &icmp(0, 0, 77, b""));
         assert_eq!(t.inbound(&view(&rep), tun, &nets, now), Ok(()));
         let rev_req = v4(POD, SEED, PROTO_ICMP, &icmp(8, 0, 77, b""));
@@ -721,8 +738,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::new(FlowConfig::default());
         let nets = shoot();
-        let pinned = t.outbound(&view(&syn(40000)), &[1, 2], now).unwrap();
-        let other = if pinned == 1 { 2 } else { 1 };
+        let pinned = t
+            .outbound(&view(&syn(40000)), &[TunnelId(1), TunnelId(2)], now)
+            .unwrap();
+        let other = TunnelId(if pinned == TunnelId(1) { 2 } else { 1 });
         assert_eq!(
             t.outbound(&view(&syn(40000)), &[other], now).unwrap(),
             other
@@ -733,7 +752,11 @@ mod tests {
         );
         assert_eq!(t.inbound(&view(&synack(40000)), other, &nets, now), Ok(()));
         // pin sticks once the old tunnel is back
-        assert_eq!(t.outbound(&view(&syn(40000)), &[1, 2], now).unwrap(), other);
+        assert_eq!(
+            t.outbound(&view(&syn(40000)), &[TunnelId(1), TunnelId(2)], now)
+                .unwrap(),
+            other
+        );
         t.remove_tunnel(other);
         assert!(t.is_empty());
         assert_eq!(
@@ -748,11 +771,13 @@ mod tests {
         let mut t = FlowTable::new(FlowConfig::default());
         let nets = shoot();
         let out = syn(40000);
-        let tun = t.outbound(&view(&out), &[1, 2], now).unwrap();
+        let tun = t
+            .outbound(&view(&out), &[TunnelId(1), TunnelId(2)], now)
+            .unwrap();
         let err = v4("100.96.0.1", SEED, PROTO_ICMP, &icmp(3, 3, 0, &out[..28]));
         assert_eq!(t.inbound(&view(&err), tun, &nets, now), Ok(()));
         assert_eq!(
-            t.inbound(&view(&err), tun + 1, &nets, now),
+            t.inbound(&view(&err), TunnelId(tun.0 + 1), &nets, now),
             Err(DropReason::WrongTunnel)
         );
         let other = syn(40001);
@@ -779,7 +804,10 @@ mod tests {
         let reply = synack(40000);
         let seed_err = v4(SEED, POD, PROTO_ICMP, &icmp(3, 3, 0, &reply[..28]));
         let n = t.len();
-        assert_eq!(t.outbound(&view(&seed_err), &[1, 2], now), Ok(tun));
+        assert_eq!(
+            t.outbound(&view(&seed_err), &[TunnelId(1), TunnelId(2)], now),
+            Ok(tun)
+        );
         assert_eq!(t.len(), n);
     }
 
@@ -794,7 +822,7 @@ mod tests {
             PROTO_TCP,
             &tcp(1000, 443, TCP_SYN),
         );
-        let tun = t.outbound(&view(&out), &[7], now).unwrap();
+        let tun = t.outbound(&view(&out), &[TunnelId(7)], now).unwrap();
         let back = v6(
             "fd00:10::5",
             "fd8f:6d53:b97a:1::1",
@@ -824,7 +852,7 @@ mod tests {
     #[test]
     fn fragments_follow_first() {
         let now = Instant::now();
-        let live: Vec<TunnelId> = (1..=8).collect();
+        let live: Vec<TunnelId> = (1..=8).map(TunnelId).collect();
         let mut t = FlowTable::new(FlowConfig::default());
         let nets = shoot();
         let first = v4_frag(SEED, POD, PROTO_UDP, 0x2000, 99, &udp(5353, 53, &[0; 16]));
@@ -846,7 +874,7 @@ mod tests {
         assert_eq!(t.inbound(&view(&r_first), tun, &nets, now), Ok(()));
         assert_eq!(t.inbound(&view(&r_later), tun, &nets, now), Ok(()));
         assert_eq!(
-            t.inbound(&view(&r_later), tun + 1, &nets, now),
+            t.inbound(&view(&r_later), TunnelId(tun.0 + 1), &nets, now),
             Err(DropReason::WrongTunnel)
         );
         assert_eq!(
@@ -869,24 +897,31 @@ mod tests {
         let secs = Duration::from_secs;
         // 1: SYN only (transitory); 2: established; 3: FIN both ways; 4: RST; 5: UDP; 6: ping
         for p in 1..=4 {
-            t.outbound(&view(&syn(p)), &[1], t0).unwrap();
+            t.outbound(&view(&syn(p)), &[TunnelId(1)], t0).unwrap();
         }
         for p in 2..=4 {
-            t.inbound(&view(&synack(p)), 1, &nets, t0).unwrap();
+            t.inbound(&view(&synack(p)), TunnelId(1), &nets, t0)
+                .unwrap();
         }
         t.outbound(
             &view(&v4(SEED, POD, PROTO_TCP, &tcp(3, 10250, TCP_FIN | TCP_ACK))),
-            &[1],
+            &[TunnelId(1)],
             t0,
         )
         .unwrap();
-        t.inbound(&view(&ack_in(3, TCP_FIN)), 1, &nets, t0).unwrap();
-        t.inbound(&view(&ack_in(4, TCP_RST)), 1, &nets, t0).unwrap();
-        t.outbound(&view(&v4(SEED, POD, PROTO_UDP, &udp(5, 53, b""))), &[1], t0)
+        t.inbound(&view(&ack_in(3, TCP_FIN)), TunnelId(1), &nets, t0)
+            .unwrap();
+        t.inbound(&view(&ack_in(4, TCP_RST)), TunnelId(1), &nets, t0)
             .unwrap();
         t.outbound(
+            &view(&v4(SEED, POD, PROTO_UDP, &udp(5, 53, b""))),
+            &[TunnelId(1)],
+            t0,
+        )
+        .unwrap();
+        t.outbound(
             &view(&v4(SEED, POD, PROTO_ICMP, &icmp(8, 0, 6, b""))),
-            &[1],
+            &[TunnelId(1)],
             t0,
         )
         .unwrap();
@@ -896,18 +931,21 @@ mod tests {
         assert_eq!(t.expire(t0 + secs(121)), 4);
         assert_eq!(t.len(), 1);
         assert_eq!(
-            t.inbound(&view(&ack_in(2, 0)), 1, &nets, t0 + secs(3600)),
+            t.inbound(&view(&ack_in(2, 0)), TunnelId(1), &nets, t0 + secs(3600)),
             Ok(())
         );
         assert_eq!(t.expire(t0 + secs(3600) + cfg.tcp_established_idle), 0);
         assert_eq!(t.expire(t0 + secs(3601) + cfg.tcp_established_idle), 1);
         // a half-close keeps the established timeout
-        t.outbound(&view(&syn(9)), &[1], t0).unwrap();
-        t.inbound(&view(&synack(9)), 1, &nets, t0).unwrap();
-        t.inbound(&view(&ack_in(9, TCP_FIN)), 1, &nets, t0).unwrap();
+        t.outbound(&view(&syn(9)), &[TunnelId(1)], t0).unwrap();
+        t.inbound(&view(&synack(9)), TunnelId(1), &nets, t0)
+            .unwrap();
+        t.inbound(&view(&ack_in(9, TCP_FIN)), TunnelId(1), &nets, t0)
+            .unwrap();
         assert_eq!(t.expire(t0 + secs(3600)), 0);
         // a new SYN on the tuple restarts the state
-        t.outbound(&view(&syn(9)), &[1], t0 + secs(3600)).unwrap();
+        t.outbound(&view(&syn(9)), &[TunnelId(1)], t0 + secs(3600))
+            .unwrap();
         assert_eq!(t.expire(t0 + secs(3600 + 121)), 1);
     }
 
@@ -920,29 +958,32 @@ mod tests {
         };
         let mut t = FlowTable::new(cfg);
         for p in 1..=4 {
-            t.outbound(&view(&syn(p)), &[1], t0).unwrap();
+            t.outbound(&view(&syn(p)), &[TunnelId(1)], t0).unwrap();
         }
         assert_eq!(
-            t.outbound(&view(&syn(5)), &[1], t0),
+            t.outbound(&view(&syn(5)), &[TunnelId(1)], t0),
             Err(DropReason::TableFull)
         );
         assert_eq!(
-            t.outbound(&view(&syn(1)), &[1], t0),
-            Ok(1),
+            t.outbound(&view(&syn(1)), &[TunnelId(1)], t0),
+            Ok(TunnelId(1)),
             "known flows still pass"
         );
         // idle flows make room (the scan runs at most once per second)
         let later = t0 + Duration::from_secs(121);
-        t.outbound(&view(&syn(1)), &[1], later).unwrap();
-        assert_eq!(t.outbound(&view(&syn(5)), &[1], later), Ok(1));
+        t.outbound(&view(&syn(1)), &[TunnelId(1)], later).unwrap();
+        assert_eq!(
+            t.outbound(&view(&syn(5)), &[TunnelId(1)], later),
+            Ok(TunnelId(1))
+        );
         assert_eq!(t.len(), 2);
         let mut c = FlowTable::new(FlowConfig {
             max_flows: 1,
             ..FlowConfig::default()
         });
-        c.from_tunnel(&view(&syn(1)), 1, t0).unwrap();
+        c.from_tunnel(&view(&syn(1)), TunnelId(1), t0).unwrap();
         assert_eq!(
-            c.from_tunnel(&view(&syn(2)), 1, t0),
+            c.from_tunnel(&view(&syn(2)), TunnelId(1), t0),
             Err(DropReason::TableFull)
         );
     }
@@ -951,36 +992,43 @@ mod tests {
     fn client_mapping() {
         let now = Instant::now();
         let mut c = FlowTable::new(FlowConfig::default());
-        c.from_tunnel(&view(&syn(1)), 100, now).unwrap();
-        c.from_tunnel(&view(&syn(2)), 200, now).unwrap();
-        assert_eq!(c.reply_tunnel(&view(&synack(1)), now), Some(100));
-        assert_eq!(c.reply_tunnel(&view(&synack(2)), now), Some(200));
+        c.from_tunnel(&view(&syn(1)), TunnelId(100), now).unwrap();
+        c.from_tunnel(&view(&syn(2)), TunnelId(200), now).unwrap();
+        assert_eq!(c.reply_tunnel(&view(&synack(1)), now), Some(TunnelId(100)));
+        assert_eq!(c.reply_tunnel(&view(&synack(2)), now), Some(TunnelId(200)));
         assert_eq!(c.reply_tunnel(&view(&synack(3)), now), None);
         // the shoot never initiates: bare SYN toward the seed is not a reply
         let syn_rev = v4(POD, SEED, PROTO_TCP, &tcp(10250, 1, TCP_SYN));
         assert_eq!(c.reply_tunnel(&view(&syn_rev), now), None);
         // the flow moves when the seed re-pins it
-        c.from_tunnel(&view(&syn(1)), 300, now).unwrap();
-        assert_eq!(c.reply_tunnel(&view(&ack_in(1, 0)), now), Some(300));
+        c.from_tunnel(&view(&syn(1)), TunnelId(300), now).unwrap();
+        assert_eq!(
+            c.reply_tunnel(&view(&ack_in(1, 0)), now),
+            Some(TunnelId(300))
+        );
         // ICMP error from a shoot node about a seed packet goes back to that packet's tunnel
         let out = syn(2);
         let err = v4("10.250.0.7", SEED, PROTO_ICMP, &icmp(3, 3, 0, &out[..28]));
-        assert_eq!(c.reply_tunnel(&view(&err), now), Some(200));
+        assert_eq!(c.reply_tunnel(&view(&err), now), Some(TunnelId(200)));
         // ICMP errors from the seed and later fragments are passed without recording
         let seed_err = v4(SEED, POD, PROTO_ICMP, &icmp(3, 3, 0, &synack(1)[..28]));
         let frag = v4_frag(SEED, POD, PROTO_UDP, 5, 1, &[0; 8]);
-        c.from_tunnel(&view(&seed_err), 100, now).unwrap();
-        c.from_tunnel(&view(&frag), 100, now).unwrap();
+        c.from_tunnel(&view(&seed_err), TunnelId(100), now).unwrap();
+        c.from_tunnel(&view(&frag), TunnelId(100), now).unwrap();
         assert_eq!(c.len(), 2);
         // reply fragments follow their first fragment
-        c.from_tunnel(&view(&v4(SEED, POD, PROTO_UDP, &udp(9, 53, b""))), 400, now)
-            .unwrap();
+        c.from_tunnel(
+            &view(&v4(SEED, POD, PROTO_UDP, &udp(9, 53, b""))),
+            TunnelId(400),
+            now,
+        )
+        .unwrap();
         let rf = v4_frag(POD, SEED, PROTO_UDP, 0x2000, 8, &udp(53, 9, &[0; 16]));
         let rl = v4_frag(POD, SEED, PROTO_UDP, 2, 8, &[0; 8]);
         assert_eq!(c.reply_tunnel(&view(&rl), now), None);
-        assert_eq!(c.reply_tunnel(&view(&rf), now), Some(400));
-        assert_eq!(c.reply_tunnel(&view(&rl), now), Some(400));
-        c.remove_tunnel(400);
+        assert_eq!(c.reply_tunnel(&view(&rf), now), Some(TunnelId(400)));
+        assert_eq!(c.reply_tunnel(&view(&rl), now), Some(TunnelId(400)));
+        c.remove_tunnel(TunnelId(400));
         assert_eq!(c.reply_tunnel(&view(&rl), now), None);
         assert_eq!(
             c.expire(now + Duration::from_secs(121)),
@@ -1020,10 +1068,10 @@ mod tests {
                 let now = t0 + Duration::from_millis(i as u64 * 700);
                 if let Ok(p) = PacketView::parse(&data) {
                     if dir {
-                        let _ = t.outbound(&p, &[0, 1, 2], now);
-                        let _ = c.from_tunnel(&p, tun, now);
+                        let _ = t.outbound(&p, &[TunnelId(0), TunnelId(1), TunnelId(2)], now);
+                        let _ = c.from_tunnel(&p, TunnelId(tun as u32), now);
                     } else {
-                        let _ = t.inbound(&p, tun, &nets, now);
+                        let _ = t.inbound(&p, TunnelId(tun as u32), &nets, now);
                         let _ = c.reply_tunnel(&p, now);
                     }
                 }
@@ -1036,7 +1084,7 @@ mod tests {
         #[test]
         fn replies_match_their_flows(sport in 1u16.., dport in 1u16.., tunnels in 1usize..6) {
             let now = Instant::now();
-            let live: Vec<TunnelId> = (0..tunnels as u64).collect();
+            let live: Vec<TunnelId> = (0..tunnels as u32).map(TunnelId).collect();
             let mut t = FlowTable::new(FlowConfig::default());
             let out = v4(SEED, POD, PROTO_UDP, &udp(sport, dport, b""));
             let back = v4(POD, SEED, PROTO_UDP, &udp(dport, sport, b""));

@@ -19,6 +19,7 @@ pub mod io;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod node;
 pub mod packet;
 pub mod preamble;
 pub mod session;

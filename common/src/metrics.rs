@@ -213,41 +213,6 @@ impl Histogram {
     }
 }
 
-/// Counters by reason, for the `…_dropped_total{reason}` families: the reasons are fixed at
-/// start so every label is exposed from the first scrape.
-#[derive(Debug)]
-pub struct ReasonCounters {
-    reasons: &'static [&'static str],
-    counts: Vec<AtomicU64>,
-}
-
-impl ReasonCounters {
-    /// Counters for `reasons`, all zero.
-    pub fn new(reasons: &'static [&'static str]) -> Self {
-        Self {
-            reasons,
-            counts: reasons.iter().map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Counts one event of `reason` (an unknown reason counts nowhere; reasons are constants).
-    pub fn inc(&self, reason: &str) {
-        if let Some(i) = self.reasons.iter().position(|r| *r == reason) {
-            if let Some(c) = self.counts.get(i) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// (reason, count) pairs.
-    pub fn values(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        self.reasons
-            .iter()
-            .zip(&self.counts)
-            .map(|(r, c)| (*r, c.load(Ordering::Relaxed)))
-    }
-}
-
 /// One tunnel's state for the per-tunnel families of [`expose_tunnels`].
 #[derive(Debug, Clone)]
 pub struct TunnelRow {
@@ -346,84 +311,6 @@ pub fn expose_tunnels(e: &mut Exposition, prefix: &str, label: &str, rows: &[Tun
     }
 }
 
-/// Data-plane counters both binaries keep: TUN packets, stream bytes, and drops by reason.
-#[derive(Debug)]
-pub struct DataPlaneStats {
-    /// Packets read from the TUN.
-    pub tun_rx_packets: AtomicU64,
-    /// Packets written to the TUN.
-    pub tun_tx_packets: AtomicU64,
-    /// Bytes read from tunnel streams (framed, encrypted).
-    pub tunnel_rx_bytes: AtomicU64,
-    /// Bytes written to tunnel streams.
-    pub tunnel_tx_bytes: AtomicU64,
-    /// Packets dropped, by the binary's reasons.
-    pub drops: ReasonCounters,
-    /// Outgoing frames dropped, by [`FRAME_DROP_REASONS`].
-    pub frame_drops: ReasonCounters,
-}
-
-/// Why outgoing frames were dropped: the stream's send queue was full (a stalled stream), or
-/// the stream went away between encryption and sending. Rejected incoming frames are counted
-/// by the sessions.
-pub const FRAME_DROP_REASONS: [&str; 2] = ["queue_full", "no_stream"];
-
-impl DataPlaneStats {
-    /// Zeroed counters; packet drops labelled by `drop_reasons`.
-    pub fn new(drop_reasons: &'static [&'static str]) -> Self {
-        Self {
-            tun_rx_packets: AtomicU64::new(0),
-            tun_tx_packets: AtomicU64::new(0),
-            tunnel_rx_bytes: AtomicU64::new(0),
-            tunnel_tx_bytes: AtomicU64::new(0),
-            drops: ReasonCounters::new(drop_reasons),
-            frame_drops: ReasonCounters::new(&FRAME_DROP_REASONS),
-        }
-    }
-
-    /// `<prefix>_stream_bytes_total`, `_tun_packets_total`, `_packets_dropped_total` and
-    /// `_frames_dropped_total` (`rejected` = `rejected` incoming frames, summed over the
-    /// sessions).
-    pub fn expose(&self, e: &mut Exposition, prefix: &str, rejected: u64) {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
-        let directed = [
-            (
-                "stream_bytes_total",
-                "Bytes on tunnel streams (framed, encrypted).",
-                &self.tunnel_rx_bytes,
-                &self.tunnel_tx_bytes,
-            ),
-            (
-                "tun_packets_total",
-                "Packets through the TUN device.",
-                &self.tun_rx_packets,
-                &self.tun_tx_packets,
-            ),
-        ];
-        for (suffix, help, rx, tx) in directed {
-            let name = format!("{prefix}_{suffix}");
-            e.family(&name, Kind::Counter, help)
-                .sample(&name, &[("direction", "rx")], g(rx))
-                .sample(&name, &[("direction", "tx")], g(tx));
-        }
-        let name = format!("{prefix}_packets_dropped_total");
-        e.family(&name, Kind::Counter, "Packets dropped, by reason.");
-        for (reason, n) in self.drops.values() {
-            e.sample(&name, &[("reason", reason)], n as f64);
-        }
-        let name = format!("{prefix}_frames_dropped_total");
-        e.family(
-            &name,
-            Kind::Counter,
-            "Tunnel frames dropped, by reason: rejected (incoming, failed authentication or decryption), queue_full and no_stream (outgoing).",
-        )
-        .sample(&name, &[("reason", "rejected")], rejected as f64);
-        for (reason, n) in self.frame_drops.values() {
-            e.sample(&name, &[("reason", reason)], n as f64);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,16 +326,6 @@ mod tests {
             e.finish(),
             "# HELP x_total Things.\\nMore.\n# TYPE x_total counter\nx_total{peer=\"a\\\"b\\\\c\\nd\"} 3\nx_total 4\n# HELP y A gauge.\n# TYPE y gauge\ny 0.5\n"
         );
-    }
-
-    #[test]
-    fn reason_counters() {
-        static R: [&str; 2] = ["a", "b"];
-        let c = ReasonCounters::new(&R);
-        c.inc("b");
-        c.inc("b");
-        c.inc("zzz");
-        assert_eq!(c.values().collect::<Vec<_>>(), vec![("a", 0), ("b", 2)]);
     }
 
     #[test]
@@ -484,27 +361,5 @@ mod tests {
         );
         assert!(text.contains("d_seconds_count{k=\"v\"} 6\n"), "{text}");
         assert!(text.contains("d_seconds_sum{k=\"v\"} 1.056"), "{text}");
-    }
-
-    #[test]
-    fn data_plane_families() {
-        static R: [&str; 1] = ["malformed"];
-        let d = DataPlaneStats::new(&R);
-        d.tun_rx_packets.fetch_add(3, Ordering::Relaxed);
-        d.frame_drops.inc("queue_full");
-        let mut e = Exposition::new();
-        d.expose(&mut e, "x", 2);
-        let text = e.finish();
-        for line in [
-            "x_tun_packets_total{direction=\"rx\"} 3\n",
-            "x_stream_bytes_total{direction=\"tx\"} 0\n",
-            "x_packets_dropped_total{reason=\"malformed\"} 0\n",
-            "x_frames_dropped_total{reason=\"rejected\"} 2\n",
-            "x_frames_dropped_total{reason=\"queue_full\"} 1\n",
-            "x_frames_dropped_total{reason=\"no_stream\"} 0\n",
-        ] {
-            assert!(text.contains(line), "{line} in {text}");
-        }
-        assert_eq!(text.matches("# TYPE").count(), 4);
     }
 }

@@ -486,6 +486,21 @@ impl Session {
         self.resume_unconfirmed
     }
 
+    /// The next time [`Session::tick`] has keepalive or dead-peer work, while a stream is up.
+    /// boringtun's own timers (handshake retry, rekey, key expiry) need a tick about once a
+    /// second besides.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.stream_up {
+            return None;
+        }
+        let dead = self.last_rx + self.cfg.dead_timeout();
+        if self.is_established() {
+            Some(dead.min(self.last_tx + self.cfg.keepalive))
+        } else {
+            Some(dead)
+        }
+    }
+
     /// Whether a stream is currently attached.
     pub fn is_stream_up(&self) -> bool {
         self.stream_up
@@ -546,7 +561,11 @@ impl Session {
                 Ok(())
             }
             TunnResult::Err(e) => Err(map_error(e, MSG_DATA)),
-            _ => Ok(()),
+            _ => {
+                // Nothing to send with: the keepalive is due again one interval later.
+                self.last_tx = now;
+                Ok(())
+            }
         }
     }
 }

@@ -1,100 +1,47 @@
-//! Deterministic simulation: client sessions ⇄ server hub over in-memory streams with virtual
-//! time (handshake, data, rekey, keepalive, dead peer, reconnect with session continuity,
-//! several peers, rejected streams).
+//! Deterministic simulation of the real [`Node`] on both sides: two seed server replicas and
+//! two shoot clients (each client dials both replicas), in memory, with virtual time advanced
+//! by `poll_timeout()`. Streams are pairs of byte queues; the seed side parses the preamble and
+//! the first frame the way the seed binary's IO does and hands them to `accept_stream`.
 //!
 //! boringtun reads a mock clock with the `sim` feature, so run this with its own invocation:
 //! `cargo test -p common --features sim --test sim`. The mock clock of `mock_instant` 0.3 is
 //! thread-local (its `sync` feature is off), so tests running in parallel do not disturb each
-//! other and need no lock; each test advances the mock clock and its virtual `now` together and
-//! only relies on time relative to its own start.
+//! other; each test advances the mock clock and its virtual `now` together and only relies on
+//! time relative to its own start.
 #![cfg(feature = "sim")]
 // Test harness: a failed step must fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests set up files and clocks
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read clocks
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use bytes::BytesMut;
-use common::frame::{check_preamble, FrameDecoder, PREAMBLE};
+use common::cidr::parse_list;
+use common::flow::TunnelId;
+use common::frame::FrameDecoder;
 use common::hub::{Hub, PeerConfig};
-use common::session::{Session, SessionConfig};
+use common::limits::{LimitKind, Limits, PendingKey};
+use common::node::{
+    CloseReason, FrameDrop, Node, NodeConfig, PacketBatch, PacketDrop, Refusal, StreamId,
+};
+use common::preamble::{parse_preamble, PreambleKey, PREAMBLE_V1};
+use common::session::SessionConfig;
 use mock_instant::MockClock;
 use rand::rngs::OsRng;
 
-const TICK: Duration = Duration::from_millis(250);
-const BACKOFF: Duration = Duration::from_millis(100);
-/// The server accepts frames up to this size in the simulation (so "oversize" is testable).
-const SERVER_MAX_FRAME: usize = 4096;
-
-/// One direction of a stream. `drop` turns it into a black hole (a stalled connection).
-#[derive(Default)]
-struct Pipe {
-    buf: BytesMut,
-    drop: bool,
-}
-
-impl Pipe {
-    fn write(&mut self, bytes: &[u8]) {
-        if !self.drop {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-}
-
-#[derive(Default)]
-struct Stream {
-    c2s: Pipe,
-    s2c: Pipe,
-    open: bool,
-}
-
-struct Client {
-    session: Session,
-    stream: Option<usize>,
-    rx_buf: BytesMut,
-    received: Vec<Vec<u8>>,
-    /// (virtual time, reason) of every stream this client closed or lost.
-    closed: Vec<(Duration, String)>,
-    reconnect_at: Option<Duration>,
-    auto_reconnect: bool,
-    streams_opened: usize,
-}
-
-struct ServerConn {
-    stream: usize,
-    rx_buf: BytesMut,
-    preamble_ok: bool,
-    peer: Option<usize>,
-}
-
-struct Server {
-    hub: Hub,
-    sessions: Vec<Option<Session>>,
-    active: Vec<Option<usize>>,
-    conns: Vec<ServerConn>,
-    received: Vec<Vec<Vec<u8>>>,
-    /// (virtual time, stream, reason) of every stream the server closed.
-    closed: Vec<(Duration, usize, String)>,
-    nonfatal: Vec<String>,
-}
-
-struct World {
-    base: Instant,
-    elapsed: Duration,
-    cfg: SessionConfig,
-    streams: Vec<Stream>,
-    clients: Vec<Client>,
-    server: Server,
-    server_key: StaticSecret,
-    client_pubs: Vec<PublicKey>,
-}
+const SEEDS: usize = 2;
+/// The seed-side endpoint of the simulated connections (kube-apiserver).
+const SEED_IP: [u8; 4] = [100, 64, 0, 10];
+const FIRST_MESSAGE_MAX: usize = 2048;
 
 fn key() -> StaticSecret {
     StaticSecret::random_from_rng(OsRng)
 }
 
-fn ipv4(src: u8, seq: u32) -> Vec<u8> {
+/// An IPv4 UDP packet `src:sport → dst:dport` carrying `seq`.
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, seq: u32) -> Vec<u8> {
     let payload = seq.to_be_bytes();
     let total = 20 + 8 + payload.len();
     let mut p = vec![0u8; total];
@@ -102,215 +49,231 @@ fn ipv4(src: u8, seq: u32) -> Vec<u8> {
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     p[8] = 64;
     p[9] = 17;
-    p[12..16].copy_from_slice(&[10, 0, 0, src]);
-    p[16..20].copy_from_slice(&[10, 0, 1, 1]);
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
     p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     p[28..].copy_from_slice(&payload);
     p
 }
 
-fn ipv6(seq: u32) -> Vec<u8> {
-    let payload = seq.to_be_bytes();
-    let mut p = vec![0u8; 40 + payload.len()];
-    p[0] = 0x60;
-    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    p[6] = 59; // no next header
-    p[7] = 64;
-    p[8] = 0xfd;
-    p[24] = 0xfd;
-    p[39] = 1;
-    p[40..].copy_from_slice(&payload);
-    p
+/// A packet from the seed to shoot pod `pod` on flow `port`.
+fn to_shoot(pod: u8, port: u16, seq: u32) -> Vec<u8> {
+    udp(SEED_IP, port, [10, 0, 1, pod], 53, seq)
+}
+
+/// The shoot's reply on that flow.
+fn from_shoot(pod: u8, port: u16, seq: u32) -> Vec<u8> {
+    udp([10, 0, 1, pod], 53, SEED_IP, port, seq)
+}
+
+fn seq_of(p: &[u8]) -> u32 {
+    u32::from_be_bytes(p[28..32].try_into().unwrap())
+}
+
+fn port_of(p: &[u8], dst: bool) -> u16 {
+    let o = if dst { 22 } else { 20 };
+    u16::from_be_bytes([p[o], p[o + 1]])
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeedEnd {
+    Pending(PendingKey),
+    Attached(StreamId),
+    Closed,
+}
+
+/// One TCP stream through the ingress: client → seed replica.
+struct Pipe {
+    /// The client that dialled it (None: a stranger's raw stream).
+    client: Option<usize>,
+    seed: usize,
+    c2s: BytesMut,
+    s2c: BytesMut,
+    seed_end: SeedEnd,
+    client_end: Option<StreamId>,
+    /// The side closed its end (the other side sees end of stream after what is buffered).
+    closed_by_seed: bool,
+    closed_by_client: bool,
+    /// Bytes vanish in this direction (a black-holed connection).
+    blackhole_c2s: bool,
+    blackhole_s2c: bool,
+    /// Bytes the seed may have queued towards the client before frames are refused.
+    s2c_cap: usize,
+    /// The client does not read (its socket buffer fills up).
+    client_stalled: bool,
+}
+
+struct SeedHost {
+    node: Node<usize, usize>,
+    up: bool,
+    received: Vec<Vec<u8>>,
+    /// Refusals of `accept_stream`, with detail.
+    refused: Vec<(Refusal, String)>,
+    /// Streams the seed closed, with why.
+    closed: Vec<(usize, CloseReason)>,
+}
+
+struct ClientHost {
+    node: Node<usize>,
+    key: StaticSecret,
+    up: bool,
+    received: Vec<Vec<u8>>,
+    preamble: Option<PreambleKey>,
+    instance: u64,
+    counter: u64,
+    closed: Vec<(usize, CloseReason)>,
+}
+
+struct World {
+    base: Instant,
+    elapsed: Duration,
+    session: SessionConfig,
+    limits: Limits,
+    server_key: StaticSecret,
+    allowed: Vec<PublicKey>,
+    seeds: Vec<SeedHost>,
+    clients: Vec<ClientHost>,
+    pipes: Vec<Pipe>,
+}
+
+fn node_config(session: SessionConfig, limits: &Limits) -> NodeConfig {
+    NodeConfig {
+        session,
+        limits: limits.clone(),
+        shoot_networks: parse_list("10.0.0.0/8").unwrap(),
+        tunnel_sources: parse_list("10.0.0.0/8,192.168.123.0/24").unwrap(),
+    }
 }
 
 impl World {
-    /// A server allowing `allowed` of the client keys; one client per key in `clients`.
-    fn new(clients: Vec<StaticSecret>, allowed: &[usize]) -> Self {
-        let server_key = key();
-        let peers = allowed
-            .iter()
-            .map(|&i| PeerConfig {
-                public: PublicKey::from(&clients[i]),
-                psk: None,
-            })
-            .collect();
-        let hub = Hub::new(server_key.clone(), peers).unwrap();
-        let server_pub = *hub.public();
-        let cfg = SessionConfig::default();
+    /// Two seed replicas allowing the first `allowed` of `clients` keys; all clients dial.
+    fn new(clients: usize, allowed: usize) -> Self {
+        Self::with(clients, allowed, Limits::default())
+    }
+
+    fn with(clients: usize, allowed: usize, limits: Limits) -> Self {
         let base = Instant::now();
-        let client_pubs = clients.iter().map(PublicKey::from).collect();
-        let clients = clients
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| Client {
-                session: Session::new(k, server_pub, None, 0x100 + i as u32, cfg, None, base),
-                stream: None,
-                rx_buf: BytesMut::new(),
-                received: Vec::new(),
-                closed: Vec::new(),
-                reconnect_at: None,
-                auto_reconnect: true,
-                streams_opened: 0,
-            })
-            .collect();
+        let server_key = key();
+        let keys: Vec<StaticSecret> = (0..clients).map(|_| key()).collect();
+        let allowed: Vec<PublicKey> = keys.iter().take(allowed).map(PublicKey::from).collect();
+        let session = SessionConfig::default();
         let mut w = Self {
             base,
             elapsed: Duration::ZERO,
-            cfg,
-            streams: Vec::new(),
-            clients,
-            server: Server::new(hub),
+            session,
+            limits,
             server_key,
-            client_pubs,
+            allowed,
+            seeds: Vec::new(),
+            clients: Vec::new(),
+            pipes: Vec::new(),
         };
         // Start from a non-zero mock time like a real clock would.
-        w.advance(Duration::from_secs(1));
+        w.advance_clock(Duration::from_secs(1));
+        for _ in 0..SEEDS {
+            let s = w.new_seed();
+            w.seeds.push(s);
+        }
+        for k in keys {
+            let c = w.new_client(k, true);
+            w.clients.push(c);
+        }
         w
+    }
+
+    fn new_seed(&self) -> SeedHost {
+        let peers = self
+            .allowed
+            .iter()
+            .map(|p| PeerConfig {
+                public: *p,
+                psk: None,
+            })
+            .collect();
+        let hub = Hub::new(self.server_key.clone(), peers).unwrap();
+        let names = (0..self.allowed.len())
+            .map(|i| format!("client-{i}"))
+            .collect();
+        let cfg = node_config(self.session, &self.limits);
+        SeedHost {
+            node: Node::seed(hub, names, cfg, Default::default(), self.now()).unwrap(),
+            up: true,
+            received: Vec::new(),
+            refused: Vec::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    fn new_client(&self, key: StaticSecret, v2: bool) -> ClientHost {
+        let server = PublicKey::from(&self.server_key);
+        let names = (0..SEEDS).map(|i| format!("seed-{i}")).collect();
+        let cfg = node_config(self.session, &self.limits);
+        ClientHost {
+            node: Node::shoot(key.clone(), server, None, names, cfg, 7, self.now()),
+            preamble: v2.then(|| PreambleKey::for_client(&key, &server).unwrap()),
+            key,
+            up: true,
+            received: Vec::new(),
+            instance: rand::random::<u64>() | 1,
+            counter: 1,
+            closed: Vec::new(),
+        }
     }
 
     fn now(&self) -> Instant {
         self.base + self.elapsed
     }
 
-    fn advance(&mut self, d: Duration) {
+    fn advance_clock(&mut self, d: Duration) {
         self.elapsed += d;
         MockClock::advance(d);
     }
 
-    /// Client `c` opens a new stream: preamble, then whatever the session sends first.
-    fn connect(&mut self, c: usize) {
-        let id = self.streams.len();
-        let mut stream = Stream {
-            open: true,
-            ..Stream::default()
-        };
-        stream.c2s.write(&PREAMBLE);
-        let now = self.now();
-        let client = &mut self.clients[c];
-        let mut out = BytesMut::new();
-        client.session.stream_up(now, &mut out).unwrap();
-        stream.c2s.write(&out);
-        self.streams.push(stream);
-        client.stream = Some(id);
-        client.rx_buf.clear();
-        client.reconnect_at = None;
-        client.streams_opened += 1;
-        self.server.conns.push(ServerConn {
-            stream: id,
-            rx_buf: BytesMut::new(),
-            preamble_ok: false,
-            peer: None,
-        });
-    }
-
-    /// A raw stream (not tied to a client) carrying `bytes`.
-    fn raw_stream(&mut self, bytes: &[u8]) -> usize {
-        let id = self.streams.len();
-        let mut stream = Stream {
-            open: true,
-            ..Stream::default()
-        };
-        stream.c2s.write(bytes);
-        self.streams.push(stream);
-        self.server.conns.push(ServerConn {
-            stream: id,
-            rx_buf: BytesMut::new(),
-            preamble_ok: false,
-            peer: None,
-        });
-        id
-    }
-
-    fn client_close(&mut self, c: usize, reason: String) {
-        let elapsed = self.elapsed;
-        let client = &mut self.clients[c];
-        if let Some(id) = client.stream.take() {
-            self.streams[id].open = false;
-            client.session.stream_down();
-            client.closed.push((elapsed, reason));
-            if client.auto_reconnect {
-                client.reconnect_at = Some(elapsed + BACKOFF);
+    /// Runs the world for `d` of virtual time: bytes move instantly, time jumps from one
+    /// deadline (`poll_timeout`) to the next.
+    fn run(&mut self, d: Duration) {
+        let end = self.now() + d;
+        loop {
+            self.settle();
+            let mut next = end;
+            for s in self.seeds.iter().filter(|s| s.up) {
+                next = next.min(s.node.poll_timeout());
+            }
+            for c in self.clients.iter().filter(|c| c.up) {
+                next = next.min(c.node.poll_timeout());
+            }
+            let now = self.now();
+            if next > now {
+                self.advance_clock(next - now);
+            }
+            let now = self.now();
+            for s in self.seeds.iter_mut().filter(|s| s.up) {
+                if s.node.poll_timeout() <= now {
+                    s.node.handle_timeout(now);
+                }
+            }
+            for c in self.clients.iter_mut().filter(|c| c.up) {
+                if c.node.poll_timeout() <= now {
+                    c.node.handle_timeout(now);
+                }
+            }
+            if now >= end {
+                self.settle();
+                return;
             }
         }
     }
 
-    /// Moves bytes until nothing is in flight.
-    fn pump(&mut self) {
-        for _ in 0..1000 {
+    /// Moves bytes and executes the nodes' outputs until nothing changes.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
             let mut moved = false;
-            // Server side.
-            let mut i = 0;
-            while i < self.server.conns.len() {
-                let id = self.server.conns[i].stream;
-                if !self.streams[id].open {
-                    let conn = self.server.conns.remove(i);
-                    self.server.detach(&conn);
-                    continue;
-                }
-                let data = self.streams[id].c2s.buf.split();
-                if !data.is_empty() {
-                    moved = true;
-                    let now = self.now();
-                    let elapsed = self.elapsed;
-                    if let Err(reason) =
-                        self.server
-                            .receive(i, &data, now, elapsed, &mut self.streams)
-                    {
-                        self.streams[id].open = false;
-                        let conn = self.server.conns.remove(i);
-                        self.server.detach(&conn);
-                        self.server.closed.push((elapsed, id, reason));
-                        continue;
-                    }
-                }
-                i += 1;
-            }
-            // Client side.
-            for c in 0..self.clients.len() {
-                let Some(id) = self.clients[c].stream else {
-                    continue;
-                };
-                if !self.streams[id].open {
-                    self.client_close(c, "closed by server".into());
-                    moved = true;
-                    continue;
-                }
-                let data = self.streams[id].s2c.buf.split();
-                if data.is_empty() {
-                    continue;
-                }
-                moved = true;
-                let now = self.now();
-                let client = &mut self.clients[c];
-                client.rx_buf.extend_from_slice(&data);
-                let mut out = BytesMut::new();
-                let mut fatal = None;
-                let decoder = FrameDecoder::default();
-                loop {
-                    match decoder.decode(&mut client.rx_buf) {
-                        Ok(Some(msg)) => {
-                            let received = &mut client.received;
-                            if let Err(e) = client
-                                .session
-                                .decapsulate(&msg, now, &mut out, |p| received.push(p.to_vec()))
-                            {
-                                if e.is_fatal() {
-                                    fatal = Some(e.to_string());
-                                    break;
-                                }
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            fatal = Some(e.to_string());
-                            break;
-                        }
-                    }
-                }
-                self.streams[id].c2s.write(&out);
-                if let Some(reason) = fatal {
-                    self.client_close(c, reason);
-                }
+            moved |= self.outputs();
+            for i in 0..self.pipes.len() {
+                moved |= self.seed_side(i);
+                moved |= self.client_side(i);
             }
             if !moved {
                 return;
@@ -319,518 +282,768 @@ impl World {
         panic!("simulation does not settle");
     }
 
-    /// Runs all timers once.
-    fn tick(&mut self) {
+    /// Transmits, closes, evictions, dials of every node.
+    fn outputs(&mut self) -> bool {
+        let mut moved = false;
         let now = self.now();
-        for c in 0..self.clients.len() {
-            let mut out = BytesMut::new();
-            let res = self.clients[c].session.tick(now, &mut out);
-            if let Some(id) = self.clients[c].stream {
-                self.streams[id].c2s.write(&out);
-            }
-            if let Err(e) = res {
-                if e.is_fatal() {
-                    self.client_close(c, e.to_string());
-                }
-            }
-            if let Some(at) = self.clients[c].reconnect_at {
-                if at <= self.elapsed {
-                    self.connect(c);
-                }
-            }
-        }
-        let elapsed = self.elapsed;
-        self.server.tick(now, elapsed, &mut self.streams);
-    }
-
-    /// One timer period: advance time, run timers, deliver everything.
-    fn step(&mut self) {
-        self.advance(TICK);
-        self.tick();
-        self.pump();
-    }
-
-    fn run(&mut self, d: Duration) {
-        let end = self.elapsed + d;
-        while self.elapsed < end {
-            self.step();
-        }
-    }
-
-    fn client_send(&mut self, c: usize, packet: &[u8]) {
-        let now = self.now();
-        let mut out = BytesMut::new();
-        self.clients[c]
-            .session
-            .encapsulate(packet, now, &mut out)
-            .unwrap();
-        if let Some(id) = self.clients[c].stream {
-            self.streams[id].c2s.write(&out);
-        }
-    }
-
-    fn server_send(&mut self, peer: usize, packet: &[u8]) {
-        let now = self.now();
-        let mut out = BytesMut::new();
-        if let Some(s) = self.server.sessions[peer].as_mut() {
-            s.encapsulate(packet, now, &mut out).unwrap();
-        }
-        if let Some(id) = self.server.active[peer] {
-            self.streams[id].s2c.write(&out);
-        }
-    }
-
-    /// Connects client `c` and completes the handshake without advancing time.
-    fn establish(&mut self, c: usize) {
-        self.connect(c);
-        self.pump();
-        assert!(self.clients[c].session.is_established());
-    }
-
-    /// Sends `n` packets each way between client `c` (server peer `peer`) and checks delivery.
-    fn exchange(&mut self, c: usize, peer: usize, n: u32) {
-        let (before_c, before_s) = (
-            self.clients[c].received.len(),
-            self.server.received[peer].len(),
-        );
-        let mut up = Vec::new();
-        let mut down = Vec::new();
-        for i in 0..n {
-            let p = ipv4(c as u8 + 1, i);
-            self.client_send(c, &p);
-            up.push(p);
-            let q = if i % 2 == 0 { ipv4(200, i) } else { ipv6(i) };
-            self.server_send(peer, &q);
-            down.push(q);
-        }
-        self.pump();
-        assert_eq!(self.server.received[peer][before_s..], up[..]);
-        assert_eq!(self.clients[c].received[before_c..], down[..]);
-    }
-}
-
-impl Server {
-    fn new(hub: Hub) -> Self {
-        let n = hub.len();
-        Self {
-            hub,
-            sessions: (0..n).map(|_| None).collect(),
-            active: vec![None; n],
-            conns: Vec::new(),
-            received: vec![Vec::new(); n],
-            closed: Vec::new(),
-            nonfatal: Vec::new(),
-        }
-    }
-
-    /// Forgets a stream that is gone.
-    fn detach(&mut self, conn: &ServerConn) {
-        if let Some(peer) = conn.peer {
-            if self.active[peer] == Some(conn.stream) {
-                self.active[peer] = None;
-                if let Some(s) = self.sessions[peer].as_mut() {
-                    s.stream_down();
-                }
-            }
-        }
-    }
-
-    /// Handles bytes of connection `i`; an error closes that stream only.
-    fn receive(
-        &mut self,
-        i: usize,
-        data: &[u8],
-        now: Instant,
-        elapsed: Duration,
-        streams: &mut [Stream],
-    ) -> Result<(), String> {
-        let decoder = FrameDecoder::new(SERVER_MAX_FRAME);
-        let id = self.conns[i].stream;
-        self.conns[i].rx_buf.extend_from_slice(data);
-        if !self.conns[i].preamble_ok {
-            if self.conns[i].rx_buf.len() < PREAMBLE.len() {
-                return Ok(());
-            }
-            let head = self.conns[i].rx_buf.split_to(PREAMBLE.len());
-            let mut pre = [0u8; 8];
-            pre.copy_from_slice(&head);
-            check_preamble(&pre).map_err(|e| e.to_string())?;
-            self.conns[i].preamble_ok = true;
-        }
-        loop {
-            let msg = match decoder.decode(&mut self.conns[i].rx_buf) {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
-            };
-            let mut out = BytesMut::new();
-            match self.conns[i].peer {
-                None => {
-                    let peer = self.hub.identify(&msg).map_err(|e| e.to_string())?;
-                    if self.sessions[peer].is_none() {
-                        self.sessions[peer] = Some(
-                            self.hub
-                                .new_session(peer, SessionConfig::default(), now)
-                                .unwrap(),
-                        );
-                    }
-                    let Some(session) = self.sessions[peer].as_mut() else {
-                        unreachable!()
-                    };
-                    let received = &mut self.received[peer];
-                    // Only an authentic first message binds the stream to the peer.
-                    session
-                        .decapsulate(&msg, now, &mut out, |p| received.push(p.to_vec()))
-                        .map_err(|e| e.to_string())?;
-                    session
-                        .stream_up(now, &mut out)
-                        .map_err(|e| e.to_string())?;
-                    if let Some(old) = self.active[peer].replace(id) {
-                        if old != id {
-                            streams[old].open = false;
-                            self.closed.push((elapsed, old, "replaced".into()));
-                        }
-                    }
-                    self.conns[i].peer = Some(peer);
-                }
-                Some(peer) => {
-                    let Some(session) = self.sessions[peer].as_mut() else {
-                        unreachable!()
-                    };
-                    let received = &mut self.received[peer];
-                    if let Err(e) =
-                        session.decapsulate(&msg, now, &mut out, |p| received.push(p.to_vec()))
-                    {
-                        if e.is_fatal() {
-                            streams[id].s2c.write(&out);
-                            return Err(e.to_string());
-                        }
-                        self.nonfatal.push(e.to_string());
-                    }
-                }
-            }
-            streams[id].s2c.write(&out);
-        }
-    }
-
-    fn tick(&mut self, now: Instant, elapsed: Duration, streams: &mut [Stream]) {
-        for peer in 0..self.sessions.len() {
-            let Some(session) = self.sessions[peer].as_mut() else {
+        let Self {
+            seeds,
+            clients,
+            pipes,
+            ..
+        } = self;
+        for s in seeds.iter_mut() {
+            if !s.up {
                 continue;
-            };
-            let mut out = BytesMut::new();
-            let res = session.tick(now, &mut out);
-            if let Some(id) = self.active[peer] {
-                streams[id].s2c.write(&out);
-                if let Err(e) = res {
-                    if e.is_fatal() {
-                        streams[id].open = false;
-                        self.active[peer] = None;
-                        session.stream_down();
-                        self.closed.push((elapsed, id, e.to_string()));
+            }
+            s.node.flush_transmits(|&p, frames| {
+                moved = true;
+                let pipe = &mut pipes[p];
+                if pipe.blackhole_s2c {
+                    return true;
+                }
+                if pipe.s2c.len() + frames.len() > pipe.s2c_cap {
+                    return false;
+                }
+                pipe.s2c.extend_from_slice(&frames);
+                true
+            });
+            while let Some(c) = s.node.poll_close() {
+                moved = true;
+                // A black hole swallows the FIN too.
+                pipes[c.handle].closed_by_seed |= !pipes[c.handle].blackhole_s2c;
+                pipes[c.handle].seed_end = SeedEnd::Closed;
+                s.closed.push((c.handle, c.reason));
+            }
+            while let Some((p, _)) = s.node.poll_evicted() {
+                moved = true;
+                pipes[p].closed_by_seed = true;
+                pipes[p].seed_end = SeedEnd::Closed;
+            }
+        }
+        for (ci, c) in clients.iter_mut().enumerate() {
+            if !c.up {
+                continue;
+            }
+            c.node.flush_transmits(|&p, frames| {
+                moved = true;
+                if !pipes[p].blackhole_c2s {
+                    pipes[p].c2s.extend_from_slice(&frames);
+                }
+                true
+            });
+            while let Some(cl) = c.node.poll_close() {
+                moved = true;
+                pipes[cl.handle].closed_by_client |= !pipes[cl.handle].blackhole_c2s;
+                pipes[cl.handle].client_end = None;
+                c.closed.push((cl.handle, cl.reason));
+            }
+            while let Some(t) = c.node.poll_dial() {
+                moved = true;
+                let seed = t.index();
+                let first = c.node.start_stream(t, now).unwrap();
+                if !seeds.get(seed).is_some_and(|s| s.up) {
+                    c.node.dial_failed(t, now);
+                    continue;
+                }
+                let mut c2s = BytesMut::new();
+                match &c.preamble {
+                    Some(k) => {
+                        c2s.extend_from_slice(&k.preamble(c.instance, c.counter));
+                        c.counter += 1;
+                    }
+                    None => c2s.extend_from_slice(&PREAMBLE_V1),
+                }
+                c2s.extend_from_slice(&first);
+                let idx = pipes.len();
+                let key = seeds[seed].node.stream_arrived(idx, now);
+                let id = c.node.stream_opened(t, idx, now).unwrap();
+                pipes.push(Pipe {
+                    client: Some(ci),
+                    seed,
+                    c2s,
+                    s2c: BytesMut::new(),
+                    seed_end: SeedEnd::Pending(key),
+                    client_end: Some(id),
+                    closed_by_seed: false,
+                    closed_by_client: false,
+                    blackhole_c2s: false,
+                    blackhole_s2c: false,
+                    s2c_cap: usize::MAX,
+                    client_stalled: false,
+                });
+            }
+        }
+        moved
+    }
+
+    /// The seed replica's end of pipe `i`: the opening, then frames.
+    fn seed_side(&mut self, i: usize) -> bool {
+        let now = self.now();
+        let pipe = &mut self.pipes[i];
+        let seed = &mut self.seeds[pipe.seed];
+        if !seed.up {
+            return false;
+        }
+        match pipe.seed_end {
+            SeedEnd::Closed => false,
+            SeedEnd::Pending(key) => {
+                if pipe.closed_by_client {
+                    seed.node.stream_refused(key, Some(Refusal::Opening));
+                    pipe.seed_end = SeedEnd::Closed;
+                    return true;
+                }
+                let (preamble, len) = match parse_preamble(&pipe.c2s) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return false,
+                    Err(_) => {
+                        seed.node.stream_refused(key, Some(Refusal::Opening));
+                        pipe.seed_end = SeedEnd::Closed;
+                        pipe.closed_by_seed = true;
+                        return true;
+                    }
+                };
+                let mut rest = BytesMut::from(&pipe.c2s[len..]);
+                let first = match FrameDecoder::new(FIRST_MESSAGE_MAX).decode(&mut rest) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return false,
+                    Err(_) => {
+                        seed.node.stream_refused(key, Some(Refusal::Opening));
+                        pipe.seed_end = SeedEnd::Closed;
+                        pipe.closed_by_seed = true;
+                        return true;
+                    }
+                };
+                pipe.c2s = rest;
+                let mut batch = PacketBatch::new(64);
+                match seed
+                    .node
+                    .accept_stream(key, &preamble, &first, i, now, &mut batch)
+                {
+                    Ok(id) => pipe.seed_end = SeedEnd::Attached(id),
+                    Err(r) => {
+                        seed.refused.push((r.reason, r.detail));
+                        pipe.seed_end = SeedEnd::Closed;
+                        pipe.closed_by_seed = true;
                     }
                 }
+                seed.received.extend(batch.packets);
+                true
+            }
+            SeedEnd::Attached(id) => {
+                let mut moved = false;
+                while !pipe.c2s.is_empty() {
+                    let before = pipe.c2s.len();
+                    let mut batch = PacketBatch::new(64);
+                    let res = seed
+                        .node
+                        .handle_stream_data(id, &mut pipe.c2s, now, &mut batch);
+                    moved |= pipe.c2s.len() != before;
+                    seed.received.extend(batch.packets);
+                    match res {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(_) => {
+                            pipe.c2s.clear();
+                            moved = true;
+                            break;
+                        }
+                    }
+                }
+                if pipe.closed_by_client && pipe.c2s.is_empty() {
+                    seed.node.stream_closed(id, "end of stream", now);
+                    pipe.seed_end = SeedEnd::Closed;
+                    moved = true;
+                }
+                moved
             }
         }
     }
-}
 
-#[test]
-fn handshake_without_waiting() {
-    let mut w = World::new(vec![key()], &[0]);
-    let t0 = w.elapsed;
-    w.connect(0);
-    w.pump();
-    assert_eq!(w.elapsed, t0, "no time passes");
-    let c = &w.clients[0].session;
-    let s = w.server.sessions[0].as_ref().unwrap();
-    assert!(c.is_established());
-    assert!(s.is_established());
-    assert_eq!(c.stats().handshakes_completed, 1);
-    assert_eq!(s.stats().handshakes_completed, 1);
-    assert_eq!(w.server.active[0], Some(0));
-    assert!(w.server.closed.is_empty());
-}
-
-#[test]
-fn data_both_ways() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.exchange(0, 0, 200);
-    w.run(Duration::from_secs(2));
-    w.exchange(0, 0, 10);
-    let stats = w.clients[0].session.stats();
-    assert_eq!(stats.tx_packets, 210);
-    assert_eq!(stats.rx_packets, 210);
-}
-
-#[test]
-fn packets_sent_before_the_handshake_are_delivered() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.connect(0);
-    // Queued inside boringtun until the handshake completes.
-    let p = ipv4(1, 7);
-    w.client_send(0, &p);
-    w.pump();
-    assert_eq!(w.server.received[0], vec![p]);
-}
-
-#[test]
-fn rekey_keeps_data_flowing() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    for _ in 0..300 {
-        w.exchange(0, 0, 1);
-        for _ in 0..4 {
-            w.step();
+    /// The client's end of pipe `i`.
+    fn client_side(&mut self, i: usize) -> bool {
+        let now = self.now();
+        let pipe = &mut self.pipes[i];
+        let (Some(ci), Some(id)) = (pipe.client, pipe.client_end) else {
+            return false;
+        };
+        let client = &mut self.clients[ci];
+        if !client.up || pipe.client_stalled {
+            return false;
         }
+        let mut moved = false;
+        while !pipe.s2c.is_empty() {
+            let before = pipe.s2c.len();
+            let mut batch = PacketBatch::new(64);
+            let res = client
+                .node
+                .handle_stream_data(id, &mut pipe.s2c, now, &mut batch);
+            moved |= pipe.s2c.len() != before;
+            client.received.extend(batch.packets);
+            match res {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => {
+                    pipe.s2c.clear();
+                    moved = true;
+                    break;
+                }
+            }
+        }
+        if pipe.closed_by_seed && pipe.s2c.is_empty() && pipe.client_end.is_some() {
+            client.node.stream_closed(id, "end of stream", now);
+            pipe.client_end = None;
+            moved = true;
+        }
+        moved
     }
-    let c = w.clients[0].session.stats();
-    let s = w.server.sessions[0].as_ref().unwrap().stats();
-    assert!(c.handshakes_completed >= 3, "{c:?}");
-    assert!(s.handshakes_completed >= 3, "{s:?}");
-    assert!(w.clients[0].session.last_handshake_age().unwrap() < Duration::from_secs(125));
-    assert_eq!(w.clients[0].streams_opened, 1, "{:?}", w.clients[0].closed);
-    assert!(w.server.closed.is_empty());
-    assert_eq!(w.server.received[0].len(), 300);
-    assert_eq!(w.clients[0].received.len(), 300);
-}
 
-#[test]
-fn idle_tunnel_rekeys_on_time() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.run(Duration::from_secs(400));
-    // Only keepalives flowed; the keys were still renewed and the stream never dropped.
-    assert!(w.clients[0].session.stats().handshakes_completed >= 3);
-    assert_eq!(w.clients[0].streams_opened, 1, "{:?}", w.clients[0].closed);
-    w.exchange(0, 0, 5);
-}
+    /// A seed-side process sends `packets` into its TUN.
+    fn seed_sends(&mut self, seed: usize, packets: &[Vec<u8>]) {
+        let now = self.now();
+        self.seeds[seed]
+            .node
+            .handle_tun_packets(packets.iter().map(|p| p.as_slice()), now);
+        self.settle();
+    }
 
-#[test]
-fn keepalive_when_idle() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    let c0 = w.clients[0].session.stats();
-    let s0 = w.server.sessions[0].as_ref().unwrap().stats();
-    w.run(Duration::from_secs(35));
-    let c1 = w.clients[0].session.stats();
-    let s1 = w.server.sessions[0].as_ref().unwrap().stats();
-    assert!(c1.keepalives_sent >= c0.keepalives_sent + 3, "{c1:?}");
-    assert!(s1.keepalives_sent >= s0.keepalives_sent + 3, "{s1:?}");
-    assert!(c1.rx_messages >= c0.rx_messages + 3);
-    assert!(s1.rx_messages >= s0.rx_messages + 3);
-    assert_eq!(w.clients[0].streams_opened, 1);
-    assert!(w.server.closed.is_empty());
-}
+    fn client_sends(&mut self, c: usize, packets: &[Vec<u8>]) {
+        let now = self.now();
+        self.clients[c]
+            .node
+            .handle_tun_packets(packets.iter().map(|p| p.as_slice()), now);
+        self.settle();
+    }
 
-#[test]
-fn dead_server_detected_by_client() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.clients[0].auto_reconnect = false;
-    w.run(Duration::from_secs(3));
-    let id = w.clients[0].stream.unwrap();
-    // Everything from the server is lost from now on.
-    w.streams[id].s2c.drop = true;
-    let last_rx = w.elapsed - w.clients[0].session.last_received_age(w.now());
-    w.run(Duration::from_secs(40));
-    let (at, reason) = w.clients[0].closed[0].clone();
-    assert!(reason.contains("dead peer"), "{reason}");
-    let limit = w.cfg.dead_timeout();
-    assert!(at - last_rx >= limit, "{:?}", at - last_rx);
-    assert!(at - last_rx <= limit + TICK, "{:?}", at - last_rx);
-}
+    /// The current pipe of client `c`'s tunnel to `seed`.
+    fn pipe_of(&self, c: usize, seed: usize) -> Option<usize> {
+        let id = self.clients[c].node.stream_of(TunnelId(seed as u32))?;
+        self.pipes
+            .iter()
+            .position(|p| p.client_end == Some(id) && p.client == Some(c))
+    }
 
-#[test]
-fn dead_client_detected_by_server() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.clients[0].auto_reconnect = false;
-    let id = w.clients[0].stream.unwrap();
-    w.streams[id].c2s.drop = true;
-    let t0 = w.elapsed;
-    w.run(Duration::from_secs(40));
-    let (at, stream, reason) = w.server.closed[0].clone();
-    assert_eq!(stream, id);
-    assert!(reason.contains("dead peer"), "{reason}");
-    assert!(at - t0 <= w.cfg.dead_timeout() + TICK, "{:?}", at - t0);
-    assert_eq!(w.server.active[0], None);
-}
+    /// Black-holes both directions of client `c`'s current stream to `seed`.
+    fn blackhole(&mut self, c: usize, seed: usize) {
+        let p = self.pipe_of(c, seed).unwrap();
+        self.pipes[p].blackhole_c2s = true;
+        self.pipes[p].blackhole_s2c = true;
+    }
 
-#[test]
-fn reconnect_keeps_the_session() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.exchange(0, 0, 3);
-    w.run(Duration::from_secs(20));
-    let hs_c = w.clients[0].session.stats().handshakes_completed;
-    let hs_s = w.server.sessions[0]
-        .as_ref()
-        .unwrap()
-        .stats()
-        .handshakes_completed;
-    // The transport breaks; the client reconnects after its backoff.
-    let old = w.clients[0].stream.unwrap();
-    w.streams[old].open = false;
-    w.pump();
-    assert_eq!(w.clients[0].stream, None);
-    w.step();
-    let new = w.clients[0].stream.unwrap();
-    assert_ne!(new, old);
-    assert_eq!(w.server.active[0], Some(new));
-    // Data flows at once, both ways, with no new handshake.
-    w.exchange(0, 0, 5);
-    assert_eq!(w.clients[0].session.stats().handshakes_completed, hs_c);
-    assert_eq!(
-        w.server.sessions[0]
-            .as_ref()
+    fn seed_live(&self, seed: usize) -> Vec<u32> {
+        self.seeds[seed].node.live().iter().map(|t| t.0).collect()
+    }
+
+    fn all_live(&self) -> bool {
+        self.seeds
+            .iter()
+            .all(|s| s.node.live().len() == self.allowed.len())
+            && self
+                .clients
+                .iter()
+                .take(self.allowed.len())
+                .all(|c| c.node.live().len() == SEEDS)
+    }
+
+    fn handshakes(&self, c: usize, seed: usize) -> u64 {
+        self.clients[c]
+            .node
+            .session(TunnelId(seed as u32))
             .unwrap()
             .stats()
-            .handshakes_completed,
-        hs_s
-    );
-}
-
-#[test]
-fn newer_stream_replaces_older_one() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    let old = w.clients[0].stream.unwrap();
-    // The client dials again while the old stream still looks alive to the server.
-    w.clients[0].stream = None;
-    w.clients[0].session.stream_down();
-    w.connect(0);
-    w.pump();
-    let new = w.clients[0].stream.unwrap();
-    assert_eq!(w.server.active[0], Some(new));
-    assert!(!w.streams[old].open);
-    assert!(w
-        .server
-        .closed
-        .iter()
-        .any(|(_, s, r)| *s == old && r == "replaced"));
-    w.exchange(0, 0, 3);
-}
-
-#[test]
-fn server_restart_leads_to_new_handshake() {
-    let mut w = World::new(vec![key()], &[0]);
-    w.establish(0);
-    w.exchange(0, 0, 2);
-    // The server loses all state (same key and peers).
-    let peers = vec![PeerConfig {
-        public: w.client_pubs[0],
-        psk: None,
-    }];
-    let hub = Hub::new(w.server_key.clone(), peers).unwrap();
-    w.server = Server::new(hub);
-    let id = w.clients[0].stream.unwrap();
-    w.streams[id].open = false;
-    w.pump();
-    w.run(Duration::from_secs(2));
-    assert!(w.server.sessions[0].as_ref().unwrap().is_established());
-    // Initial stream, the resumed stream the new server cannot accept, then a handshake.
-    assert_eq!(w.clients[0].streams_opened, 3, "{:?}", w.clients[0].closed);
-    assert!(w.server.closed[0].2.contains("NoCurrentSession"));
-    w.exchange(0, 0, 3);
-}
-
-#[test]
-fn two_peers_at_once() {
-    let mut w = World::new(vec![key(), key()], &[0, 1]);
-    w.connect(0);
-    w.connect(1);
-    w.pump();
-    w.exchange(0, 0, 20);
-    w.exchange(1, 1, 20);
-    w.run(Duration::from_secs(60));
-    w.exchange(1, 1, 5);
-    w.exchange(0, 0, 5);
-    assert_eq!(w.server.active[0], w.clients[0].stream);
-    assert_eq!(w.server.active[1], w.clients[1].stream);
-    assert!(w.server.closed.is_empty());
-}
-
-#[test]
-fn unknown_key_rejected_others_continue() {
-    let stranger = key();
-    let stranger_secret = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        stranger.to_bytes(),
-    );
-    let mut w = World::new(vec![key(), stranger, key()], &[0, 2]);
-    w.establish(0);
-    w.establish(2);
-    w.clients[1].auto_reconnect = false;
-    w.connect(1);
-    w.pump();
-    let (_, _, reason) = w.server.closed.last().unwrap().clone();
-    assert!(reason.contains("unknown peer public key"), "{reason}");
-    assert!(!reason.contains(&stranger_secret));
-    assert!(!w.clients[1].session.is_established());
-    assert_eq!(w.clients[1].stream, None);
-    // Server peers are 0 and 1 (clients 0 and 2).
-    w.exchange(0, 0, 5);
-    w.exchange(2, 1, 5);
-    w.run(Duration::from_secs(15));
-    w.exchange(2, 1, 5);
-    assert_eq!(w.server.closed.len(), 1);
-}
-
-#[test]
-fn garbage_and_oversize_frames_close_only_that_stream() {
-    let mut w = World::new(vec![key(), key()], &[0, 1]);
-    w.establish(0);
-    w.establish(1);
-    let mut closed = 0;
-
-    // Bad preamble.
-    let s = w.raw_stream(b"GET / HTTP/1.1\r\n\r\n");
-    w.pump();
-    closed += 1;
-    assert!(!w.streams[s].open);
-    // Zero-length frame, oversize frame, garbage first message.
-    for bytes in [&b"\0\0"[..], &b"\xff\xff"[..], &b"\0\x04abcd"[..]] {
-        let mut wire = PREAMBLE.to_vec();
-        wire.extend_from_slice(bytes);
-        let s = w.raw_stream(&wire);
-        w.pump();
-        closed += 1;
-        assert!(!w.streams[s].open);
+            .handshakes_completed
     }
-    assert_eq!(w.server.closed.len(), closed);
 
-    // Garbage on an established peer's stream closes that stream only.
-    let victim = w.clients[0].stream.unwrap();
-    let other = w.clients[1].stream.unwrap();
-    w.streams[victim].c2s.write(b"\0\x05hello");
-    w.pump();
-    assert!(!w.streams[victim].open);
-    assert!(w.streams[other].open);
-    assert_eq!(w.server.closed.len(), closed + 1);
-    w.exchange(1, 1, 5);
-    // The victim reconnects and keeps its session.
-    w.step();
-    w.exchange(0, 0, 5);
-    assert_eq!(w.clients[0].session.stats().handshakes_completed, 1);
+    /// Client `c` process restarts: new node, same key, fresh instance.
+    fn restart_client(&mut self, c: usize) {
+        for p in self.pipes.iter_mut().filter(|p| p.client == Some(c)) {
+            p.closed_by_client = true;
+            p.client_end = None;
+        }
+        let k = self.clients[c].key.clone();
+        self.clients[c] = self.new_client(k, true);
+    }
 
-    // A replayed data message is dropped and counted, the stream stays.
-    let mut out = BytesMut::new();
-    let now = w.now();
-    w.clients[1]
-        .session
-        .encapsulate(&ipv4(9, 9), now, &mut out)
-        .unwrap();
-    let id = w.clients[1].stream.unwrap();
-    w.streams[id].c2s.write(&out);
-    w.streams[id].c2s.write(&out);
-    w.pump();
-    assert!(w.streams[id].open);
-    assert_eq!(w.server.received[1].last().unwrap(), &ipv4(9, 9));
-    assert!(w
-        .server
-        .nonfatal
+    /// Seed replica `s` crashes (its streams close) and, when `back`, restarts empty.
+    fn crash_seed(&mut self, s: usize) {
+        self.seeds[s].up = false;
+        for p in self.pipes.iter_mut().filter(|p| p.seed == s) {
+            p.closed_by_seed = true;
+            p.seed_end = SeedEnd::Closed;
+        }
+    }
+
+    fn restart_seed(&mut self, s: usize) {
+        self.seeds[s] = self.new_seed();
+    }
+}
+
+/// Sends `n` new flows from seed `s` to the shoot; returns the ports used.
+fn new_flows(w: &mut World, s: usize, first_port: u16, n: u16) -> Vec<u16> {
+    let ports: Vec<u16> = (first_port..first_port + n).collect();
+    let pkts: Vec<Vec<u8>> = ports
         .iter()
-        .any(|e| e.contains("DuplicateCounter")));
+        .map(|&p| to_shoot(1, p, u32::from(p)))
+        .collect();
+    w.seed_sends(s, &pkts);
+    ports
+}
+
+/// Which client received seed packets on each port (by the packets' destination port).
+fn receivers(w: &World) -> HashMap<u16, usize> {
+    let mut m = HashMap::new();
+    for (ci, c) in w.clients.iter().enumerate() {
+        for p in &c.received {
+            m.insert(port_of(p, false), ci);
+        }
+    }
+    m
+}
+
+#[test]
+fn two_by_two_handshake_without_waiting() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    assert!(w.all_live(), "every tunnel up within one settle");
+    for c in 0..2 {
+        for s in 0..SEEDS {
+            assert_eq!(w.handshakes(c, s), 1);
+        }
+    }
+    assert_eq!(w.seed_live(0), vec![0, 1]);
+}
+
+#[test]
+fn data_both_ways_through_each_tunnel() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    for s in 0..SEEDS {
+        let ports = new_flows(&mut w, s, 1000 * (s as u16 + 1), 40);
+        let got = receivers(&w);
+        for p in &ports {
+            assert!(got.contains_key(p), "flow {p} from seed {s} arrived");
+        }
+    }
+    // Each client answers the flows it received: the replies reach the seed that sent them.
+    for c in 0..2 {
+        let replies: Vec<Vec<u8>> = w.clients[c]
+            .received
+            .iter()
+            .map(|p| from_shoot(1, port_of(p, false), seq_of(p)))
+            .collect();
+        w.client_sends(c, &replies);
+    }
+    let back: usize = w.seeds.iter().map(|s| s.received.len()).sum();
+    assert_eq!(
+        back, 80,
+        "every reply admitted by the seed that pinned its flow"
+    );
+}
+
+#[test]
+fn flows_pin_by_hash_and_stay_pinned() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    new_flows(&mut w, 0, 2000, 200);
+    let first = receivers(&w);
+    let a = first.values().filter(|c| **c == 0).count();
+    assert!(
+        (60..=140).contains(&a),
+        "200 flows split roughly evenly: {a} to client 0"
+    );
+    // The same flows again: each goes where it went before.
+    for c in &mut w.clients {
+        c.received.clear();
+    }
+    new_flows(&mut w, 0, 2000, 200);
+    assert_eq!(receivers(&w), first);
+}
+
+#[test]
+fn replies_only_from_the_pinned_tunnel_and_no_flow_from_the_shoot() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    new_flows(&mut w, 0, 3000, 50);
+    let got = receivers(&w);
+    // Client 1 answers a flow pinned to client 0: its tunnel is the wrong one.
+    let (&port, _) = got.iter().find(|(_, c)| **c == 0).unwrap();
+    w.client_sends(1, &[from_shoot(1, port, 1)]);
+    let seed = &w.seeds[0];
+    assert_eq!(seed.node.stats().packet_drops(PacketDrop::WrongTunnel), 1);
+    assert!(seed.received.is_empty());
+    // The shoot opens a flow of its own towards the seed: never admitted.
+    w.client_sends(0, &[udp([10, 0, 1, 9], 4000, SEED_IP, 22, 1)]);
+    w.client_sends(0, &[udp([10, 0, 1, 9], 4000, [100, 64, 0, 99], 22, 1)]);
+    let drops: u64 = w
+        .seeds
+        .iter()
+        .map(|s| s.node.stats().packet_drops(PacketDrop::UnknownFlow))
+        .sum();
+    assert_eq!(drops, 2);
+    // From outside the shoot and VPN networks: refused by source.
+    w.client_sends(0, &[udp([172, 16, 0, 1], 53, SEED_IP, port, 1)]);
+    let by_source: u64 = w
+        .seeds
+        .iter()
+        .map(|s| s.node.stats().packet_drops(PacketDrop::SourceNotAllowed))
+        .sum();
+    assert_eq!(by_source, 1);
+    assert!(w.seeds.iter().all(|s| s.received.is_empty()));
+    // The seed sends nothing outside the shoot networks into a tunnel.
+    w.seed_sends(0, &[udp(SEED_IP, 1, [8, 8, 8, 8], 53, 1)]);
+    assert_eq!(
+        w.seeds[0]
+            .node
+            .stats()
+            .packet_drops(PacketDrop::NotShootNetwork),
+        1
+    );
+}
+
+#[test]
+fn dead_client_detected_and_its_flows_repinned() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    new_flows(&mut w, 0, 4000, 60);
+    let before = receivers(&w);
+    let on_a: Vec<u16> = before
+        .iter()
+        .filter(|(_, c)| **c == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    assert!(!on_a.is_empty());
+    // Client 0 freezes (a stopped VM): its stream to seed 0 goes silent both ways.
+    w.blackhole(0, 0);
+    w.clients[0].up = false;
+    let start = w.elapsed;
+    w.run(Duration::from_secs(14));
+    assert_eq!(w.seed_live(0), vec![0, 1], "not dead before the timeout");
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.seed_live(0), vec![1], "dead after 15 s of silence");
+    let dead = &w.seeds[0].closed;
+    assert!(
+        dead.iter().any(|(_, r)| *r == CloseReason::DeadPeer),
+        "{dead:?}"
+    );
+    assert!(w.elapsed - start <= Duration::from_secs(16));
+    // Meanwhile the flows of client 0 are re-pinned to client 1.
+    for c in &mut w.clients {
+        c.received.clear();
+    }
+    let pkts: Vec<Vec<u8>> = on_a.iter().map(|&p| to_shoot(1, p, 9)).collect();
+    w.seed_sends(0, &pkts);
+    let after = receivers(&w);
+    for p in &on_a {
+        assert_eq!(after.get(p), Some(&1), "flow {p} re-pinned");
+    }
+    // Replies through the new tunnel are admitted.
+    let replies: Vec<Vec<u8>> = w.clients[1]
+        .received
+        .iter()
+        .map(|p| from_shoot(1, port_of(p, false), 1))
+        .collect();
+    let n = replies.len();
+    w.client_sends(1, &replies);
+    assert_eq!(w.seeds[0].received.len(), n);
+    // The client thaws, finds its stream dead and redials: both tunnels of seed 0 up again.
+    w.clients[0].up = true;
+    w.run(Duration::from_secs(6));
+    assert_eq!(w.seed_live(0), vec![0, 1]);
+}
+
+#[test]
+fn dead_server_detected_by_the_client() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    w.blackhole(0, 1);
+    w.run(Duration::from_secs(16));
+    let closed = &w.clients[0].closed;
+    assert!(
+        closed.iter().any(|(_, r)| *r == CloseReason::DeadPeer),
+        "{closed:?}"
+    );
+    // It redials with backoff and the tunnel comes back.
+    w.run(Duration::from_secs(6));
+    assert!(w.clients[0].node.is_live(TunnelId(1)));
+    assert!(w.clients[0].node.reconnects(TunnelId(1)) >= 1);
+}
+
+#[test]
+fn keepalives_keep_an_idle_tunnel_alive() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    w.run(Duration::from_secs(60));
+    assert!(w.all_live(), "a minute idle: keepalives hold every tunnel");
+    let ka = w.clients[0]
+        .node
+        .session(TunnelId(0))
+        .unwrap()
+        .stats()
+        .keepalives_sent;
+    assert!((10..=14).contains(&ka), "a keepalive about every 5 s: {ka}");
+    assert_eq!(w.pipes.len(), 4, "no reconnect");
+}
+
+#[test]
+fn rekey_past_120_s_keeps_data_flowing() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    for _ in 0..30 {
+        w.run(Duration::from_secs(10));
+        new_flows(&mut w, 0, 5000, 4);
+    }
+    for c in 0..2 {
+        for s in 0..SEEDS {
+            let h = w.handshakes(c, s);
+            assert!(
+                (3..=4).contains(&h),
+                "300 s: initial + rekeys every 120 s: {h}"
+            );
+        }
+    }
+    assert!(w.all_live());
+    assert_eq!(w.pipes.len(), 4, "rekeys need no new stream");
+    let got: usize = w.clients.iter().map(|c| c.received.len()).sum();
+    assert_eq!(got, 30 * 4);
+}
+
+#[test]
+fn reconnect_resumes_the_session_without_a_handshake() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    // The ingress drops client 0's connection to seed 0: both ends see it end.
+    let p = w.pipe_of(0, 0).unwrap();
+    w.pipes[p].closed_by_client = true;
+    w.pipes[p].closed_by_seed = true;
+    w.run(Duration::from_secs(1));
+    assert!(
+        w.clients[0].node.is_live(TunnelId(0)),
+        "redialled within the backoff"
+    );
+    assert_eq!(w.handshakes(0, 0), 1, "same keys on the new stream");
+    new_flows(&mut w, 0, 6000, 20);
+    assert_eq!(receivers(&w).len(), 20);
+}
+
+#[test]
+fn newer_stream_replaces_the_older_one() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    // Client 0 loses its stream to seed 1 on its side only (the seed still holds it).
+    let p = w.pipe_of(0, 1).unwrap();
+    w.pipes[p].blackhole_s2c = true;
+    w.pipes[p].blackhole_c2s = true;
+    let id = w.pipes[p].client_end.unwrap();
+    let now = w.now();
+    w.clients[0].node.stream_closed(id, "reset", now);
+    w.run(Duration::from_secs(1));
+    let closed = &w.seeds[1].closed;
+    assert!(
+        closed.contains(&(p, CloseReason::Replaced)),
+        "the seed closed the older stream: {closed:?}"
+    );
+    assert_eq!(w.seed_live(1), vec![0, 1]);
+    new_flows(&mut w, 1, 7000, 20);
+    assert_eq!(receivers(&w).len(), 20);
+}
+
+#[test]
+fn restarted_client_handshakes_and_restarted_seed_is_redialled() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    w.restart_client(0);
+    w.run(Duration::from_secs(1));
+    assert!(w.all_live());
+    assert_eq!(w.handshakes(0, 0), 1, "the new process handshakes anew");
+    w.crash_seed(1);
+    w.run(Duration::from_millis(100));
+    assert!(!w.clients[0].node.is_live(TunnelId(1)));
+    w.restart_seed(1);
+    w.run(Duration::from_secs(8));
+    assert!(w.all_live(), "the restarted replica is redialled");
+    // Its session was lost: the resumed stream went unanswered and the client handshook.
+    assert!(w.handshakes(1, 1) >= 2);
+    new_flows(&mut w, 1, 8000, 20);
+    assert_eq!(receivers(&w).len(), 20);
+}
+
+#[test]
+fn unknown_key_refused_while_others_continue() {
+    // Client 2's key is allowed nowhere.
+    let mut w = World::new(3, 2);
+    w.run(Duration::from_millis(10));
+    assert!(w.all_live());
+    for s in &w.seeds {
+        assert!(
+            s.refused.iter().any(|(r, _)| *r == Refusal::UnknownPeer),
+            "{:?}",
+            s.refused
+        );
+        assert!(s.node.stats().refusals(Refusal::UnknownPeer) >= 1);
+    }
+    assert!(w.clients[2].node.live().is_empty());
+    w.run(Duration::from_secs(10));
+    new_flows(&mut w, 0, 9000, 20);
+    let got = receivers(&w);
+    assert_eq!(got.len(), 20);
+    assert!(got.values().all(|c| *c < 2));
+}
+
+#[test]
+fn broken_frames_close_only_that_stream() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    // An empty frame (no WireGuard message is) on client 0's stream to seed 0.
+    let p = w.pipe_of(0, 0).unwrap();
+    w.pipes[p].c2s.extend_from_slice(&[0, 0]);
+    w.pipes[p].c2s.extend_from_slice(&[0u8; 64]);
+    w.settle();
+    assert!(
+        w.seeds[0].closed.contains(&(p, CloseReason::Failed)),
+        "{p} {:?} {:?}",
+        w.seeds[0].closed,
+        w.pipes[p].seed_end
+    );
+    assert_eq!(w.seed_live(0), vec![1], "client 1 unaffected");
+    w.run(Duration::from_secs(6));
+    assert_eq!(w.seed_live(0), vec![0, 1], "client 0 redialled");
+}
+
+#[test]
+fn a_full_send_queue_drops_frames_and_recovers() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    // Client 0 stops reading its stream from seed 0; the seed may queue 4 KiB towards it.
+    let p = w.pipe_of(0, 0).unwrap();
+    w.pipes[p].client_stalled = true;
+    w.pipes[p].s2c_cap = 4096;
+    new_flows(&mut w, 0, 10_000, 200);
+    let s = w.seeds[0].node.stats();
+    assert!(s.frame_drops(FrameDrop::QueueFull) > 0);
+    assert!(w.seeds[0].node.limit_hits().get(LimitKind::FrameQueue) > 0);
+    // It reads again: the stream carries on.
+    w.pipes[p].client_stalled = false;
+    w.settle();
+    w.pipes[p].s2c_cap = usize::MAX;
+    for c in &mut w.clients {
+        c.received.clear();
+    }
+    new_flows(&mut w, 0, 10_000, 200);
+    assert_eq!(receivers(&w).len(), 200);
+    assert!(w.all_live());
+}
+
+#[test]
+fn flood_of_unauthenticated_streams_is_bounded_and_clients_still_connect() {
+    let mut w = World::new(2, 2);
+    let now = w.now();
+    // 1,000 strangers open streams and say nothing.
+    for _ in 0..1000 {
+        let idx = w.pipes.len();
+        let key = w.seeds[0].node.stream_arrived(idx, now);
+        w.pipes.push(Pipe {
+            client: None,
+            seed: 0,
+            c2s: BytesMut::new(),
+            s2c: BytesMut::new(),
+            seed_end: SeedEnd::Pending(key),
+            client_end: None,
+            closed_by_seed: false,
+            closed_by_client: false,
+            blackhole_c2s: false,
+            blackhole_s2c: false,
+            s2c_cap: usize::MAX,
+            client_stalled: false,
+        });
+    }
+    let limit = w.limits.pending_streams;
+    assert_eq!(w.seeds[0].node.pending_count(), limit);
+    assert_eq!(
+        w.seeds[0].node.stats().refusals(Refusal::Evicted),
+        (1000 - limit) as u64
+    );
+    // The real clients dial during the flood: each evicts the oldest stranger and authenticates.
+    w.run(Duration::from_millis(10));
+    assert!(w.all_live());
+    // The strangers left run into the pre-authentication timeout.
+    w.run(Duration::from_millis(2100));
+    assert_eq!(w.seeds[0].node.pending_count(), 0);
+    let timeouts = w.seeds[0].node.stats().refusals(Refusal::PreauthTimeout);
+    assert_eq!(timeouts, (limit - 2) as u64);
+    assert_eq!(
+        w.seeds[0].node.limit_hits().get(LimitKind::PreauthTimeout),
+        timeouts
+    );
+}
+
+#[test]
+fn handshake_flood_spends_only_the_anonymous_budget() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    // 200 strangers (fewer than the pending slots) with valid handshake initiations for the server key (their own keys).
+    let mut strangers: Vec<ClientHost> = (0..200).map(|_| w.new_client(key(), false)).collect();
+    let now = w.now();
+    for s in &mut strangers {
+        s.node.handle_timeout(now);
+        let t = s.node.poll_dial().unwrap();
+        let first = s.node.start_stream(t, now).unwrap();
+        let mut c2s = BytesMut::from(&PREAMBLE_V1[..]);
+        c2s.extend_from_slice(&first);
+        let idx = w.pipes.len();
+        let key = w.seeds[0].node.stream_arrived(idx, now);
+        w.pipes.push(Pipe {
+            client: None,
+            seed: 0,
+            c2s,
+            s2c: BytesMut::new(),
+            seed_end: SeedEnd::Pending(key),
+            client_end: None,
+            closed_by_seed: false,
+            closed_by_client: false,
+            blackhole_c2s: false,
+            blackhole_s2c: false,
+            s2c_cap: usize::MAX,
+            client_stalled: false,
+        });
+    }
+    // Client 0 restarts in the middle of the flood (a version-2 preamble: its own budget).
+    w.restart_client(0);
+    w.settle();
+    let st = w.seeds[0].node.stats();
+    let budget = u64::from(w.limits.handshakes_per_second);
+    assert_eq!(
+        st.refusals(Refusal::UnknownPeer),
+        budget,
+        "key work only within the budget"
+    );
+    assert_eq!(st.refusals(Refusal::HandshakeBudget), 200 - budget);
+    w.run(Duration::from_millis(10));
+    assert!(w.all_live(), "the restarted client is back at once");
+    // Replayed authenticated preamble: refused.
+    let c = &w.clients[0];
+    let k = c.preamble.as_ref().unwrap();
+    let mut c2s = BytesMut::from(&k.preamble(c.instance, 1)[..]);
+    let mut first = BytesMut::new();
+    common::frame::encode_frame(&[4, 0, 0, 0, 0, 0, 0, 0], &mut first).unwrap();
+    c2s.extend_from_slice(&first);
+    let idx = w.pipes.len();
+    let now = w.now();
+    let key = w.seeds[0].node.stream_arrived(idx, now);
+    w.pipes.push(Pipe {
+        client: None,
+        seed: 0,
+        c2s,
+        s2c: BytesMut::new(),
+        seed_end: SeedEnd::Pending(key),
+        client_end: None,
+        closed_by_seed: false,
+        closed_by_client: false,
+        blackhole_c2s: false,
+        blackhole_s2c: false,
+        s2c_cap: usize::MAX,
+        client_stalled: false,
+    });
+    w.settle();
+    assert_eq!(w.seeds[0].node.stats().refusals(Refusal::Replay), 1);
+    assert!(w.all_live());
 }

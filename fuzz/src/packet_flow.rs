@@ -56,7 +56,7 @@ const NETS: [&str; 6] = [
     "::ffff:100.96.0.0/107",
 ];
 const PORTS: [u16; 5] = [80, 443, 10250, 53, 40000];
-const TUNNELS: u64 = 4;
+const TUNNELS: u32 = 4;
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
@@ -393,7 +393,7 @@ enum Op {
 }
 
 fn tunnel(r: &mut Reader<'_>) -> TunnelId {
-    u64::from(r.u8()) % TUNNELS + 1
+    TunnelId((u32::from(r.u8()) % TUNNELS) + 1)
 }
 
 fn secs(r: &mut Reader<'_>) -> Duration {
@@ -425,7 +425,10 @@ impl Sim {
             let op = match r.u8() % 16 {
                 0..=2 => {
                     let mask = r.u8();
-                    let live = (1..=TUNNELS).filter(|t| mask & (1 << t) != 0).collect();
+                    let live = (1..=TUNNELS)
+                        .filter(|t| mask & (1 << t) != 0)
+                        .map(TunnelId)
+                        .collect();
                     Op::Outbound(packet(r, 0), live)
                 }
                 3 | 4 => Op::Inbound(packet(r, 0), tunnel(r)),

@@ -2,35 +2,30 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::BytesMut;
-use common::flow::{FlowConfig, FlowTable, TunnelId};
-use common::frame::MAX_FRAME_LEN;
 use common::hub::{Hub, PeerConfig};
 use common::io::health::Health;
 use common::io::netlink::Netlink;
+use common::io::nodeio::{self, NodeCell, TunWriters};
 use common::io::process::Stopped;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
-use common::io::tunio::{Tun, TunReader, GSO_MAX_SIZE};
-use common::limits::{InstanceCounters, LimitKind, PendingSlots, TokenBucket};
-use common::metrics::{expose_tunnels, Exposition, Kind, TunnelRow};
-use common::packet::PacketView;
+use common::io::tunio::{Tun, GSO_MAX_SIZE};
+use common::limits::{LimitKind, PendingSlots};
+use common::metrics::{expose_tunnels, Exposition, Kind};
+use common::node::{Node, NodeConfig, Refusal};
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::Config;
 use crate::proxy::ProxyContext;
-use crate::state::{inc, lock, PeerSlot, Pending, Server, Stats, ANSWER_CODES, INSTANCES_PER_PEER};
-use crate::tunnel::{send_frames, serve_stream};
-
-/// Interval of the session timer.
-const TICK: Duration = Duration::from_millis(250);
+use crate::state::{lock, Pending, Server, Stats};
+use crate::tunnel::serve_stream;
 
 /// The sockets the server serves, bound before `run` so tests can use port 0.
 pub struct Listeners {
@@ -125,47 +120,50 @@ impl Health for Server {
         let s: &Stats = &self.stats;
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
         let now = Instant::now();
-        // One pass over the peers; the locks are not held while formatting.
-        let rows: Vec<TunnelRow> = self
-            .peers
-            .iter()
-            .map(|p| {
-                let p = lock(p);
-                TunnelRow::of(&p.name, &p.session, p.stream.is_some(), now)
-            })
-            .collect();
+        // One short lock: the node's state is copied out, formatting happens after.
+        let (rows, live, plane, flows, pending) = {
+            let node = self.node.lock();
+            (
+                node.rows(now),
+                node.live().len(),
+                node.stats().clone(),
+                node.flow_count(),
+                node.pending_count(),
+            )
+        };
         let mut e = Exposition::new();
         e.single(
             "vpn_seed_tunnels_up",
             Kind::Gauge,
             "Tunnels with a stream and an established session.",
-            self.live_count() as f64,
+            live as f64,
         );
         expose_tunnels(&mut e, "vpn_seed", "peer", &rows);
         let rejected = rows.iter().map(|r| r.stats.rejected_messages).sum();
-        s.plane.expose(&mut e, "vpn_seed", rejected);
+        plane.expose(&mut e, "vpn_seed", rejected);
         e.single(
             "vpn_seed_streams_accepted_total",
             Kind::Counter,
             "Tunnel streams bound to a client.",
-            g(&s.streams_accepted),
+            plane.streams_accepted as f64,
         );
         e.single(
             "vpn_seed_streams_rejected_total",
             Kind::Counter,
-            "Tunnel streams refused or failed (bad preamble, unknown key, bad frame).",
-            g(&s.streams_rejected),
+            "Tunnel streams refused before they authenticated (all reasons).",
+            plane.refused_total() as f64,
         );
+        plane.expose_refusals(&mut e, "vpn_seed");
         e.family(
             "vpn_seed_proxy_requests_total",
             Kind::Counter,
             "Proxy requests (CONNECT and forwarded HTTP) by answer code.",
         );
-        for (code, v) in ANSWER_CODES.iter().zip(s.proxy_answers.iter()) {
+        for (code, n) in s.proxy_answers.values() {
             e.sample(
                 "vpn_seed_proxy_requests_total",
                 &[("code", &code.to_string())],
-                g(v),
+                n as f64,
             );
         }
         e.single(
@@ -184,7 +182,7 @@ impl Health for Server {
             "vpn_seed_flows",
             Kind::Gauge,
             "Entries in the flow table.",
-            lock(&self.flows).len() as f64,
+            flows as f64,
         );
         e.family(
             "vpn_seed_limit_hits_total",
@@ -207,7 +205,7 @@ impl Health for Server {
             "vpn_seed_pending_streams",
             Kind::Gauge,
             "Tunnel streams accepted and not yet authenticated.",
-            lock(&self.pending).len() as f64,
+            pending as f64,
         );
         e.single(
             "vpn_seed_proxy_pending_connections",
@@ -247,45 +245,28 @@ fn build_server(cfg: &Config) -> Result<Server> {
         })
         .collect::<Result<Vec<_>, common::keys::KeyError>>()?;
     let hub = Hub::new(private, peers)?;
-    let scfg = SessionConfig {
-        keepalive: cfg.keepalive,
-        dead_timeout: cfg.dead_peer_timeout,
-    };
-    let now = Instant::now();
     let limits = cfg.limits.clone();
-    let slots = (0..hub.len())
-        .map(|i| {
-            Ok(Mutex::new(PeerSlot {
-                name: cfg.peers.get(i).map(|p| p.0.clone()).unwrap_or_default(),
-                session: hub.new_session(i, scfg, now)?,
-                stream: None,
-                generation: 0,
-                tun: Arc::new(tokio::sync::Mutex::new(None)),
-                instances: InstanceCounters::new(INSTANCES_PER_PEER),
-                handshakes: TokenBucket::per_second(limits.peer_handshakes_per_second),
-            }))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let stats = Stats::default();
+    let mut tunnel_sources = cfg.shoot_networks.clone();
+    tunnel_sources.extend(cfg.vpn_networks.iter().copied());
+    let node_cfg = NodeConfig {
+        session: SessionConfig {
+            keepalive: cfg.keepalive,
+            dead_timeout: cfg.dead_peer_timeout,
+        },
+        limits: limits.clone(),
+        shoot_networks: cfg.shoot_networks.clone(),
+        tunnel_sources,
+    };
+    let names = cfg.peers.iter().map(|p| p.0.clone()).collect();
+    let node = Node::seed(hub, names, node_cfg, stats.limits.clone(), Instant::now())?;
     Ok(Server {
-        hub,
-        anon_handshakes: Mutex::new(TokenBucket::per_second(limits.handshakes_per_second)),
-        pending: Arc::new(Mutex::new(PendingSlots::new(limits.pending_streams))),
+        node: NodeCell::new(node),
         proxy_pending: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_pending))),
         tls_handshakes: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_tls_handshakes))),
-        flows: Mutex::new(FlowTable::new(FlowConfig {
-            max_flows: limits.max_flows,
-            ..FlowConfig::default()
-        })),
         limits,
-        peers: slots,
         shoot_networks: cfg.shoot_networks.clone(),
-        tunnel_sources: {
-            let mut s = cfg.shoot_networks.clone();
-            s.extend(cfg.vpn_networks.iter().copied());
-            s
-        },
-        live: RwLock::new(Vec::new()),
-        stats: Stats::default(),
+        stats,
         draining: AtomicBool::new(false),
         proxy_idle: Notify::new(),
     })
@@ -350,7 +331,7 @@ pub async fn run(
         tun = %cfg.tun_name,
         addrs = ?cfg.tun_addrs,
         table = cfg.routing_table,
-        peers = server.hub.len(),
+        peers = server.node.lock().tunnels(),
         "seed server up"
     );
 
@@ -367,13 +348,14 @@ pub async fn run(
 
     // The data plane (and health endpoint) runs until the end; the proxy listeners stop first.
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(accept_tunnels(
-        server.clone(),
-        tun.clone(),
-        listeners.tunnel,
-    ));
-    tasks.spawn(pump_tun(server.clone(), tun.reader()));
-    tasks.spawn(timers(server.clone(), tls.clone()));
+    let writers = Arc::new(TunWriters::new(tun.clone(), server.node.lock().tunnels()));
+    tasks.spawn(accept_tunnels(server.clone(), writers, listeners.tunnel));
+    tasks.spawn(nodeio::pump_tun(server.node.clone(), tun.reader()));
+    // The seed dials nothing: the node never asks it to.
+    tasks.spawn(nodeio::drive(server.node.clone(), |_| {}));
+    if let Some(tls) = tls.clone() {
+        tasks.spawn(reload_tls(tls));
+    }
     if let Some(l) = listeners.metrics {
         tasks.spawn(common::io::process::health_task(l, server.clone()));
     }
@@ -445,7 +427,11 @@ async fn drain(
     }
 }
 
-async fn accept_tunnels(server: Arc<Server>, tun: Tun, l: TcpListener) -> Result<()> {
+async fn accept_tunnels(
+    server: Arc<Server>,
+    writers: Arc<TunWriters>,
+    l: TcpListener,
+) -> Result<()> {
     loop {
         let (stream, remote) = match l.accept().await {
             Ok(s) => s,
@@ -455,26 +441,44 @@ async fn accept_tunnels(server: Arc<Server>, tun: Tun, l: TcpListener) -> Result
                 continue;
             }
         };
-        // Taken at once: when the set is full the oldest pending stream is closed, so a
-        // flood of idle strangers never locks out a client that speaks at once.
-        let pending = Pending::take(
-            &server.pending,
-            &server.stats.limits,
-            LimitKind::PendingStreams,
-        );
         if let Err(e) = tune_stream(&stream, &TcpTuning::default()) {
             tracing::debug!(error = %e, "tunnel socket options");
         }
         let server = server.clone();
-        let tun = tun.clone();
+        let writers = writers.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                serve_stream(server.clone(), tun, stream, remote.to_string(), pending).await
-            {
-                inc(&server.stats.streams_rejected);
-                common::warn_limited!(e.reason(), %remote, error = %e, "tunnel stream closed");
+            if let Err(e) = serve_stream(server, writers, stream, remote.to_string()).await {
+                common::warn_limited!(log_reason(e.reason), %remote, error = %e, "tunnel stream refused");
             }
         });
+    }
+}
+
+/// The log gate's reason for a refused tunnel stream.
+fn log_reason(r: Refusal) -> &'static str {
+    match r {
+        Refusal::Evicted => "tunnel_evicted",
+        Refusal::PreauthTimeout => "tunnel_preauth_timeout",
+        Refusal::HandshakeBudget => "tunnel_handshake_budget",
+        Refusal::PeerHandshakeBudget => "tunnel_peer_handshake_budget",
+        Refusal::Replay => "tunnel_preamble_replay",
+        _ => "tunnel_rejected",
+    }
+}
+
+/// Reloads the proxy's certificates when their files change (checked every second).
+async fn reload_tls(tls: Arc<ReloadingServerConfig>) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match tls.reload_if_changed() {
+            Ok(true) => tracing::info!("proxy TLS certificates reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy TLS reload failed; keeping the previous certificates")
+            }
+        }
     }
 }
 
@@ -561,129 +565,5 @@ async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<(
         );
         let proxy = proxy.clone();
         tokio::spawn(async move { proxy.serve(stream, "uds".into(), pending).await });
-    }
-}
-
-/// Seed TUN → flow table → tunnel: encrypts every packet for the tunnel its flow is pinned to,
-/// one channel message per tunnel and TUN batch.
-async fn pump_tun(server: Arc<Server>, mut reader: TunReader) -> Result<()> {
-    let mut outs: Vec<BytesMut> = server.peers.iter().map(|_| BytesMut::new()).collect();
-    loop {
-        let n = reader.recv().await.context("TUN read")?;
-        server
-            .stats
-            .plane
-            .tun_rx_packets
-            .fetch_add(n as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        for pkt in reader.packets() {
-            let view = match PacketView::parse(pkt) {
-                Ok(v) => v,
-                Err(_) => {
-                    server.stats.plane.drops.inc("malformed");
-                    continue;
-                }
-            };
-            if !server.shoot_networks.contains(view.dst()) {
-                // Kernel chatter (router solicitations, MLD) or a socket bound to the TUN by
-                // someone else: nothing outside the shoot networks enters the tunnel.
-                server.stats.plane.drops.inc("not_shoot_network");
-                continue;
-            }
-            let pinned = {
-                let live = server.live.read().unwrap_or_else(|p| p.into_inner());
-                lock(&server.flows).outbound(&view, &live, now)
-            };
-            let id: TunnelId = match pinned {
-                Ok(id) => id,
-                Err(reason) => {
-                    if reason == common::flow::DropReason::TableFull {
-                        server.stats.limits.hit(LimitKind::Flows);
-                    }
-                    server.stats.plane.drops.inc(reason.reason());
-                    tracing::trace!(dst = %view.dst(), reason = reason.reason(), "dropped packet to tunnel");
-                    continue;
-                }
-            };
-            let (Some(mut slot), Some(out)) = (
-                server.peer(id),
-                usize::try_from(id).ok().and_then(|i| outs.get_mut(i)),
-            ) else {
-                continue;
-            };
-            out.reserve(pkt.len() + 64);
-            if let Err(e) = slot.session.encapsulate(pkt, now, out) {
-                tracing::debug!(error = %e, "encapsulate failed");
-            }
-        }
-        for (i, out) in outs.iter_mut().enumerate() {
-            if out.is_empty() {
-                continue;
-            }
-            let frames = out.split().freeze();
-            match server
-                .peer(i as TunnelId)
-                .and_then(|slot| slot.stream.as_ref().map(|s| s.sink.clone()))
-            {
-                Some(sink) => send_frames(&server, &sink, frames),
-                None => server.stats.plane.frame_drops.inc("no_stream"),
-            }
-        }
-    }
-}
-
-/// Session timers (keepalive, rekey, dead peers), flow expiry and TLS reload.
-async fn timers(server: Arc<Server>, tls: Option<Arc<ReloadingServerConfig>>) -> Result<()> {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut out = BytesMut::with_capacity(MAX_FRAME_LEN);
-    let mut last_slow = Instant::now();
-    loop {
-        tick.tick().await;
-        let now = Instant::now();
-        let mut changed = false;
-        for (i, slot) in server.peers.iter().enumerate() {
-            let mut slot = lock(slot);
-            match slot.session.tick(now, &mut out) {
-                Ok(()) => {}
-                Err(e) if e.is_fatal() && slot.stream.is_some() => {
-                    tracing::warn!(peer = i, error = %e, "closing the peer's stream");
-                    slot.stream = None;
-                    slot.session.stream_down();
-                    changed = true;
-                }
-                Err(e) => tracing::debug!(peer = i, error = %e, "session timer"),
-            }
-            if !out.is_empty() {
-                let frames = out.split().freeze();
-                if let Some(s) = &slot.stream {
-                    send_frames(&server, &s.sink, frames);
-                }
-            }
-            let established = slot.stream.is_some() && slot.session.is_established();
-            drop(slot);
-            let was_live = server
-                .live
-                .read()
-                .map(|l| l.contains(&(i as TunnelId)))
-                .unwrap_or(false);
-            changed |= established != was_live;
-        }
-        if changed {
-            server.refresh_live();
-        }
-        if now.duration_since(last_slow) >= Duration::from_secs(1) {
-            last_slow = now;
-            lock(&server.flows).expire(now);
-            if let Some(tls) = &tls {
-                match tls.reload_if_changed() {
-                    Ok(true) => tracing::info!("proxy TLS certificates reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy TLS reload failed; keeping the previous certificates")
-                    }
-                }
-            }
-        }
     }
 }

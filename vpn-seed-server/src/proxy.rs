@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use common::limits::LimitKind;
 
 use crate::config::Config;
-use crate::state::{answer_slot, inc, lock, Pending, Server};
+use crate::state::{lock, Pending, Server};
 
 /// Time a forwarded request's upstream has to start its answer.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -317,7 +317,7 @@ impl ProxyContext {
         // freed once done instead of staying in every open connection's future.
         match Box::pin(self.open(&mut client, pending)).await {
             Err((target, Refusal(code, reason, body))) => {
-                inc(&self.server.stats.proxy_answers[answer_slot(code)]);
+                self.server.stats.proxy_answers.count(code);
                 common::warn_limited!(refusal_reason(code), client = %peer, %target, code, reason = %body, "request refused");
                 let _ = client
                     .write_all(&format_response(code, reason, &body))
@@ -331,7 +331,7 @@ impl ProxyContext {
                 forward,
                 _permit,
             }) => {
-                inc(&self.server.stats.proxy_answers[0]);
+                self.server.stats.proxy_answers.count(200);
                 tracing::debug!(client = %peer, %target, elapsed = ?started.elapsed(), forward = forward.is_some(), "proxied connection established");
                 let open = self.server.open_guard();
                 let res = match forward {

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use common::connect::{format_connect_request, parse_response, MAX_HEAD_LEN};
 use common::io::framed::FrameSink;
+use common::io::nodeio::StreamReader;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::preamble::{PreambleKey, PREAMBLE_V1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,26 +45,10 @@ impl Dialed {
                 None,
             ),
             Transport::Tls(r, w) => (
-                StreamReader::Tls(r),
+                StreamReader::Boxed(r),
                 FrameSink::new(None, max_queued),
                 Some(w),
             ),
-        }
-    }
-}
-
-/// The reading side of a tunnel stream.
-pub enum StreamReader {
-    Plain(Arc<TcpStream>),
-    Tls(Reader),
-}
-
-impl StreamReader {
-    /// Reads what is available into `buf`; 0 at end of stream.
-    pub async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        match self {
-            StreamReader::Plain(sock) => common::io::framed::read_some(sock, buf).await,
-            StreamReader::Tls(r) => r.read_buf(buf).await,
         }
     }
 }

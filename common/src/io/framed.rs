@@ -1,8 +1,6 @@
-//! Both halves of a tunnel stream's frame handling, shared by the binaries: the writer
-//! ([`FrameSink`]) and the decryption of what the reader received ([`decrypt_frames`]).
+//! The writing side of a tunnel stream ([`FrameSink`]) and socket reads by readiness.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -180,64 +178,4 @@ pub async fn write_direct(sock: &TcpStream, mut data: &[u8]) -> std::io::Result<
         }
     }
     Ok(())
-}
-
-/// Decrypts the complete frames at the front of `buf` until the TUN batch is full, queueing
-/// every decrypted packet that `admit` accepts on `tun` and every reply (handshake response,
-/// keepalive) on `to_net`. Returns true when the batch filled up (frames may remain in `buf`).
-/// `gate` sees every message before any cryptographic work and may drop it (e.g. initiations
-/// beyond a handshake budget). A fatal session error ends the stream; others are logged and the
-/// message is dropped.
-#[allow(clippy::too_many_arguments)]
-pub fn decrypt_frames(
-    session: &mut crate::session::Session,
-    decoder: &crate::frame::FrameDecoder,
-    buf: &mut BytesMut,
-    now: std::time::Instant,
-    to_net: &mut BytesMut,
-    tun: &mut super::tunio::TunWriter,
-    rx_bytes: &AtomicU64,
-    mut gate: impl FnMut(&[u8]) -> bool,
-    mut admit: impl FnMut(&crate::packet::PacketView) -> bool,
-) -> Result<bool, DecryptError> {
-    while !tun.is_full() {
-        let Some(frame) = decoder.decode(buf)? else {
-            return Ok(false);
-        };
-        rx_bytes.fetch_add(
-            (frame.len() + crate::frame::LEN_PREFIX) as u64,
-            Ordering::Relaxed,
-        );
-        if !gate(&frame) {
-            continue;
-        }
-        let mut overflow = false;
-        let res = session.decapsulate(&frame, now, to_net, |p| {
-            let Ok(view) = crate::packet::PacketView::parse(p) else {
-                return;
-            };
-            if admit(&view) && !tun.push(p) {
-                overflow = true;
-            }
-        });
-        if overflow {
-            tracing::debug!("TUN batch overflow; packet dropped");
-        }
-        if let Err(e) = res {
-            if e.is_fatal() {
-                return Err(e.into());
-            }
-            tracing::debug!(error = %e, "tunnel message dropped");
-        }
-    }
-    Ok(true)
-}
-
-/// Why a tunnel stream's reader stops.
-#[derive(Debug, thiserror::Error)]
-pub enum DecryptError {
-    #[error(transparent)]
-    Frame(#[from] crate::frame::FrameError),
-    #[error(transparent)]
-    Session(#[from] crate::session::SessionError),
 }

@@ -6,6 +6,7 @@ pub mod keyfile;
 pub mod log;
 pub mod netlink;
 pub mod nft;
+pub mod nodeio;
 pub mod process;
 pub mod signal;
 pub mod sock;
