@@ -7,12 +7,13 @@
 #   scripts/bench.sh --quick --rounds 1       a quick look (~3 min)
 #   scripts/bench.sh --planes direct,product --rows throughput,latency --out /tmp/b
 #   scripts/bench.sh --help                   every flag
-# Needs root, iproute2, nftables, curl, iperf3 (>= 3.12); optional: openvpn.
+# Needs root; installs what is missing (iproute2, nftables, curl, iperf3, openvpn).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ $(id -u) -ne 0 ]]; then
   echo "bench.sh: needs root (network namespaces); run it as root" >&2
   exit 1
 fi
+scripts/deps.sh --bench
 cargo build --release --workspace --bins
 VPN_BIN_DIR="$PWD/target/release" exec target/release/bench "$@"

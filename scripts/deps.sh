@@ -6,11 +6,15 @@
 # kubernetes-validate).
 #   scripts/deps.sh          everything the tests need
 #   scripts/deps.sh --lab    only what the lab needs
+#   scripts/deps.sh --bench  what the tests need, and iperf3 and OpenVPN for the benchmark
 set -euo pipefail
 
 tools=(ip:iproute2 ss:iproute2 nft:nftables curl:curl sysctl:procps openssl:openssl)
 if [[ ${1:-} != --lab ]]; then
   tools+=(promtool:prometheus prometheus:prometheus)
+fi
+if [[ ${1:-} == --bench ]]; then
+  tools+=(iperf3:iperf3 openvpn:openvpn)
 fi
 need=()
 for t in "${tools[@]}"; do
