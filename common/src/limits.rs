@@ -45,6 +45,11 @@ pub struct Limits {
     pub dns_lookups: usize,
     /// Entries of the flow table; packets of new flows beyond it are dropped.
     pub max_flows: usize,
+    /// Fragmented datagrams whose tunnel the flow table remembers for their later fragments.
+    pub max_fragments: usize,
+    /// Shoot: a stream that resumed the session (no handshake) and was closed unanswered
+    /// within this time is redialled at once with a handshake (the seed lost the session).
+    pub resume_window: Duration,
     /// Warning lines per second per reason; the rest are counted and summarised.
     pub log_lines_per_second: u32,
 }
@@ -65,6 +70,8 @@ impl Default for Limits {
             pending_dials: 1024,
             dns_lookups: 256,
             max_flows: 65_536,
+            max_fragments: 1024,
+            resume_window: Duration::from_secs(2),
             log_lines_per_second: 10,
         }
     }

@@ -47,9 +47,6 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Shoot: a stream that lived this long resets the backoff.
 pub const BACKOFF_RESET: Duration = Duration::from_secs(30);
-/// Shoot: a resumed stream closed unanswered within this time is redialled at once with a
-/// handshake (the server restarted and lost the session).
-pub const RESUME_RETRY_WINDOW: Duration = Duration::from_secs(2);
 /// Shortest wait [`Node::poll_timeout`] asks for.
 pub const MIN_WAIT: Duration = Duration::from_millis(1);
 /// Client instances remembered per peer for preamble replay protection.
@@ -533,6 +530,7 @@ impl<S, P> Node<S, P> {
     ) -> Self {
         let flows = FlowTable::new(FlowConfig {
             max_flows: cfg.limits.max_flows,
+            max_fragments: cfg.limits.max_fragments,
             ..FlowConfig::default()
         });
         Self {
@@ -1221,6 +1219,7 @@ impl<S, P> Node<S, P> {
     }
 
     fn schedule_redial(&mut self, t: TunnelId, started: Instant, now: Instant) {
+        let window = self.cfg.limits.resume_window;
         let Policy::Shoot { rng } = &mut self.policy else {
             return;
         };
@@ -1234,7 +1233,7 @@ impl<S, P> Node<S, P> {
         // A resumed stream the server closed unanswered (it restarted and lost the session):
         // the next stream carries a handshake, so it goes out at once.
         let wait =
-            if slot.session.is_resuming() && !slot.retried_at_once && lived < RESUME_RETRY_WINDOW {
+            if slot.session.is_resuming() && !slot.retried_at_once && lived < window {
                 slot.retried_at_once = true;
                 Duration::ZERO
             } else {

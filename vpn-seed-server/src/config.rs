@@ -379,6 +379,8 @@ impl Args {
                 .log_lines_per_second
                 .get("log-lines-per-second", &mut errs)
                 .unwrap_or(d.log_lines_per_second),
+            // Fragments and the resume window follow the documented defaults.
+            ..d
         };
         let proxy_uds_mode = self
             .proxy_uds_mode
