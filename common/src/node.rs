@@ -1232,17 +1232,16 @@ impl<S, P> Node<S, P> {
         }
         // A resumed stream the server closed unanswered (it restarted and lost the session):
         // the next stream carries a handshake, so it goes out at once.
-        let wait =
-            if slot.session.is_resuming() && !slot.retried_at_once && lived < window {
-                slot.retried_at_once = true;
-                Duration::ZERO
-            } else {
-                slot.retried_at_once = false;
-                let max = u64::try_from(slot.backoff.as_millis()).unwrap_or(u64::MAX);
-                let wait = Duration::from_millis(next_random(rng) % (max + 1));
-                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
-                wait
-            };
+        let wait = if slot.session.is_resuming() && !slot.retried_at_once && lived < window {
+            slot.retried_at_once = true;
+            Duration::ZERO
+        } else {
+            slot.retried_at_once = false;
+            let max = u64::try_from(slot.backoff.as_millis()).unwrap_or(u64::MAX);
+            let wait = Duration::from_millis(next_random(rng) % (max + 1));
+            slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+            wait
+        };
         slot.dial = Dial::Due(now + wait);
         self.push_event(Event::Redial { tunnel: t, wait });
     }

@@ -105,6 +105,26 @@ struct Pipe {
     client_stalled: bool,
 }
 
+impl Pipe {
+    /// A new stream from `client` (None: a stranger) to `seed` carrying `c2s`, pending there.
+    fn new(client: Option<usize>, seed: usize, c2s: BytesMut, key: PendingKey) -> Self {
+        Self {
+            client,
+            seed,
+            c2s,
+            s2c: BytesMut::new(),
+            seed_end: SeedEnd::Pending(key),
+            client_end: None,
+            closed_by_seed: false,
+            closed_by_client: false,
+            blackhole_c2s: false,
+            blackhole_s2c: false,
+            s2c_cap: usize::MAX,
+            client_stalled: false,
+        }
+    }
+}
+
 struct SeedHost {
     node: Node<usize, usize>,
     up: bool,
@@ -359,18 +379,8 @@ impl World {
                 let key = seeds[seed].node.stream_arrived(idx, now);
                 let id = c.node.stream_opened(t, idx, now).unwrap();
                 pipes.push(Pipe {
-                    client: Some(ci),
-                    seed,
-                    c2s,
-                    s2c: BytesMut::new(),
-                    seed_end: SeedEnd::Pending(key),
                     client_end: Some(id),
-                    closed_by_seed: false,
-                    closed_by_client: false,
-                    blackhole_c2s: false,
-                    blackhole_s2c: false,
-                    s2c_cap: usize::MAX,
-                    client_stalled: false,
+                    ..Pipe::new(Some(ci), seed, c2s, key)
                 });
             }
         }
@@ -431,25 +441,7 @@ impl World {
                 true
             }
             SeedEnd::Attached(id) => {
-                let mut moved = false;
-                while !pipe.c2s.is_empty() {
-                    let before = pipe.c2s.len();
-                    let mut batch = PacketBatch::new(64);
-                    let res = seed
-                        .node
-                        .handle_stream_data(id, &mut pipe.c2s, now, &mut batch);
-                    moved |= pipe.c2s.len() != before;
-                    seed.received.extend(batch.packets);
-                    match res {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(_) => {
-                            pipe.c2s.clear();
-                            moved = true;
-                            break;
-                        }
-                    }
-                }
+                let mut moved = feed(&mut seed.node, id, &mut pipe.c2s, now, &mut seed.received);
                 if pipe.closed_by_client && pipe.c2s.is_empty() {
                     seed.node.stream_closed(id, "end of stream", now);
                     pipe.seed_end = SeedEnd::Closed;
@@ -471,25 +463,13 @@ impl World {
         if !client.up || pipe.client_stalled {
             return false;
         }
-        let mut moved = false;
-        while !pipe.s2c.is_empty() {
-            let before = pipe.s2c.len();
-            let mut batch = PacketBatch::new(64);
-            let res = client
-                .node
-                .handle_stream_data(id, &mut pipe.s2c, now, &mut batch);
-            moved |= pipe.s2c.len() != before;
-            client.received.extend(batch.packets);
-            match res {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => {
-                    pipe.s2c.clear();
-                    moved = true;
-                    break;
-                }
-            }
-        }
+        let mut moved = feed(
+            &mut client.node,
+            id,
+            &mut pipe.s2c,
+            now,
+            &mut client.received,
+        );
         if pipe.closed_by_seed && pipe.s2c.is_empty() && pipe.client_end.is_some() {
             client.node.stream_closed(id, "end of stream", now);
             pipe.client_end = None;
@@ -576,6 +556,34 @@ impl World {
     fn restart_seed(&mut self, s: usize) {
         self.seeds[s] = self.new_seed();
     }
+}
+
+/// Hands what `buf` holds to `node` as data of `stream`; returns whether anything changed.
+fn feed<S, P>(
+    node: &mut Node<S, P>,
+    stream: StreamId,
+    buf: &mut BytesMut,
+    now: Instant,
+    received: &mut Vec<Vec<u8>>,
+) -> bool {
+    let mut moved = false;
+    while !buf.is_empty() {
+        let before = buf.len();
+        let mut batch = PacketBatch::new(64);
+        let res = node.handle_stream_data(stream, buf, now, &mut batch);
+        moved |= buf.len() != before;
+        received.extend(batch.packets);
+        match res {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(_) => {
+                // The node detached the stream: what is left is never read.
+                buf.clear();
+                return true;
+            }
+        }
+    }
+    moved
 }
 
 /// Sends `n` new flows from seed `s` to the shoot; returns the ports used.
@@ -941,20 +949,7 @@ fn flood_of_unauthenticated_streams_is_bounded_and_clients_still_connect() {
     for _ in 0..1000 {
         let idx = w.pipes.len();
         let key = w.seeds[0].node.stream_arrived(idx, now);
-        w.pipes.push(Pipe {
-            client: None,
-            seed: 0,
-            c2s: BytesMut::new(),
-            s2c: BytesMut::new(),
-            seed_end: SeedEnd::Pending(key),
-            client_end: None,
-            closed_by_seed: false,
-            closed_by_client: false,
-            blackhole_c2s: false,
-            blackhole_s2c: false,
-            s2c_cap: usize::MAX,
-            client_stalled: false,
-        });
+        w.pipes.push(Pipe::new(None, 0, BytesMut::new(), key));
     }
     let limit = w.limits.pending_streams;
     assert_eq!(w.seeds[0].node.pending_count(), limit);
@@ -991,20 +986,7 @@ fn handshake_flood_spends_only_the_anonymous_budget() {
         c2s.extend_from_slice(&first);
         let idx = w.pipes.len();
         let key = w.seeds[0].node.stream_arrived(idx, now);
-        w.pipes.push(Pipe {
-            client: None,
-            seed: 0,
-            c2s,
-            s2c: BytesMut::new(),
-            seed_end: SeedEnd::Pending(key),
-            client_end: None,
-            closed_by_seed: false,
-            closed_by_client: false,
-            blackhole_c2s: false,
-            blackhole_s2c: false,
-            s2c_cap: usize::MAX,
-            client_stalled: false,
-        });
+        w.pipes.push(Pipe::new(None, 0, c2s, key));
     }
     // Client 0 restarts in the middle of the flood (a version-2 preamble: its own budget).
     w.restart_client(0);
@@ -1029,20 +1011,7 @@ fn handshake_flood_spends_only_the_anonymous_budget() {
     let idx = w.pipes.len();
     let now = w.now();
     let key = w.seeds[0].node.stream_arrived(idx, now);
-    w.pipes.push(Pipe {
-        client: None,
-        seed: 0,
-        c2s,
-        s2c: BytesMut::new(),
-        seed_end: SeedEnd::Pending(key),
-        client_end: None,
-        closed_by_seed: false,
-        closed_by_client: false,
-        blackhole_c2s: false,
-        blackhole_s2c: false,
-        s2c_cap: usize::MAX,
-        client_stalled: false,
-    });
+    w.pipes.push(Pipe::new(None, 0, c2s, key));
     w.settle();
     assert_eq!(w.seeds[0].node.stats().refusals(Refusal::Replay), 1);
     assert!(w.all_live());
