@@ -18,7 +18,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -96,26 +95,7 @@ pub struct HaLab {
     dir: TempDir,
 }
 
-/// Body of `GET url` made with curl inside `ns` (1 s limit), `None` unless it answered 2xx.
-pub fn http_text(ns: &Netns, url: &str) -> Option<String> {
-    let out = ns
-        .exec("curl")
-        .args(["-sf", "-m", "1", url])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Value of the first sample of metric `name` (exactly, labels included) in Prometheus text.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
+pub use crate::prom::{http_text, metric};
 
 /// Sends `GET /whoami` on a persistent HTTP/1.1 stream and returns the address the pod saw.
 pub fn ask_whoami<S: Read + Write>(s: &mut S) -> Result<String> {

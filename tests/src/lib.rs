@@ -16,6 +16,7 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod prom;
 pub mod soak;
 pub mod tmp;
 pub mod wait;

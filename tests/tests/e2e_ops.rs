@@ -26,6 +26,7 @@ use tests::lab::{
     Lab, LabOptions, CLIENT_METRICS, POD_INDEX, PROXY_TCP, ROUTE_VALUE, SEED_METRICS, START_TIMEOUT,
 };
 use tests::proc::signal;
+use tests::prom::{http, prom_query, promtool_check, samples, scrape, value};
 use tests::wait::wait_until;
 use tests::{e2e_guard, Netns};
 
@@ -51,93 +52,6 @@ fn require_tool(tool: &str, package: &str) {
         found,
         "{tool} not found on PATH: install the Debian package `{package}` \
          (apt-get install {package}), or set VPN_E2E=skip"
-    );
-}
-
-/// `GET url` with curl inside `ns`: status (0 without an answer) and body.
-fn http(ns: &Netns, url: &str) -> (u16, String) {
-    let out = ns
-        .exec("curl")
-        .args(["-s", "-m", "2", "-w", "\n%{http_code}", url])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-fn scrape(ns: &Netns, addr: &str) -> String {
-    let (code, body) = http(ns, &format!("http://{addr}/metrics"));
-    assert_eq!(code, 200, "GET {addr}/metrics: {body}");
-    body
-}
-
-/// Samples of metric `name` whose labels include all of `labels`: (label text, value).
-fn samples<'a>(text: &'a str, name: &str, labels: &[(&str, &str)]) -> Vec<(&'a str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = match l.find('{') {
-                Some(i) => {
-                    let end = l.rfind('}')?;
-                    (
-                        (&l[..i], &l[i + 1..end]),
-                        l[end + 1..].split_whitespace().next()?,
-                    )
-                }
-                None => {
-                    let mut it = l.split_whitespace();
-                    ((it.next()?, ""), it.next()?)
-                }
-            };
-            let (metric, label_text) = series;
-            let wanted = metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
-            let value = match value {
-                "+Inf" => f64::INFINITY,
-                v => v.parse().ok()?,
-            };
-            wanted.then_some((label_text, value))
-        })
-        .collect()
-}
-
-/// The value of the first sample of `name` with `labels`; fails the test when there is none.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    match samples(text, name, labels).first() {
-        Some((_, v)) => *v,
-        None => panic!("no sample {name}{labels:?} in:\n{text}"),
-    }
-}
-
-/// Pipes `text` into `promtool check metrics`; fails on a non-zero exit or any output.
-fn promtool_check(what: &str, text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let problems = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && problems.trim().is_empty(),
-        "promtool check metrics on the {what} metrics: {} with:\n{problems}",
-        out.status
     );
 }
 
@@ -649,21 +563,6 @@ fn sigterm_drain_timeout_exits_3() {
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     assert!(matches!(conn.read(&mut b), Ok(0) | Err(_)));
     assert!(!seed_rules(&lab).contains("lookup 1194"));
-}
-
-/// Prometheus's query API inside the seed namespace: the value of the first result of
-/// `query` (None before it has one).
-fn prom_query(ns: &Netns, query: &str) -> Option<f64> {
-    let out = ns
-        .exec("curl")
-        .args(["-s", "-m", "2", "-G", "--data-urlencode"])
-        .arg(format!("query={query}"))
-        .arg("http://127.0.0.1:9090/api/v1/query")
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
 fn answers(lab: &Lab, code: &str) -> f64 {
