@@ -457,6 +457,8 @@ pub struct Node<S, P = ()> {
     flows: FlowTable,
     /// Tunnels with a stream and an established session, ascending.
     live: Vec<TunnelId>,
+    /// Their number, readable without the node (a proxy checks it per request).
+    live_gauge: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     decoder: FrameDecoder,
     /// Seed: streams not authenticated yet.
     pending: PendingSlots<P>,
@@ -540,6 +542,7 @@ impl<S, P> Node<S, P> {
             slots,
             flows,
             live: Vec::new(),
+            live_gauge: std::sync::Arc::default(),
             decoder: FrameDecoder::new(MAX_FRAME_LEN),
             dirty: Vec::new(),
             closed: VecDeque::new(),
@@ -564,6 +567,11 @@ impl<S, P> Node<S, P> {
     /// Live tunnels (stream attached, session established), ascending.
     pub fn live(&self) -> &[TunnelId] {
         &self.live
+    }
+
+    /// The number of live tunnels, kept up to date by the node and readable without it.
+    pub fn live_gauge(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.live_gauge.clone()
     }
 
     /// Whether tunnel `t` is live.
@@ -1314,6 +1322,8 @@ impl<S, P> Node<S, P> {
                 .filter(|(_, s)| s.live)
                 .map(|(i, _)| tunnel_id(i))
                 .collect();
+            self.live_gauge
+                .store(self.live.len(), std::sync::atomic::Ordering::Relaxed);
         }
     }
 

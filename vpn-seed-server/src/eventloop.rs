@@ -261,6 +261,7 @@ fn build_server(cfg: &Config) -> Result<Server> {
     let names = cfg.peers.iter().map(|p| p.0.clone()).collect();
     let node = Node::seed(hub, names, node_cfg, stats.limits.clone(), Instant::now())?;
     Ok(Server {
+        live: node.live_gauge(),
         node: NodeCell::new(node),
         proxy_pending: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_pending))),
         tls_handshakes: Arc::new(Mutex::new(PendingSlots::new(limits.proxy_tls_handshakes))),

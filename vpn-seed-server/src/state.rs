@@ -115,6 +115,8 @@ pub fn inc(c: &AtomicU64) {
 pub struct Server {
     /// Tunnels, sessions, flows and the tunnel port's limits.
     pub node: Arc<NodeCell>,
+    /// The node's live tunnel count (read per proxy request without taking the node's lock).
+    pub live: Arc<std::sync::atomic::AtomicUsize>,
     /// Every bound and timeout.
     pub limits: Limits,
     /// Proxy connections whose request head is not complete yet.
@@ -149,7 +151,7 @@ impl Server {
 
     /// Live tunnels.
     pub fn live_count(&self) -> usize {
-        self.node.lock().live().len()
+        self.live.load(Ordering::Relaxed)
     }
 }
 
