@@ -612,6 +612,19 @@ impl<S, P> Node<S, P> {
         self.slots.get(t.index()).map_or(0, |s| s.reconnects)
     }
 
+    /// A copy of what the metrics show, taken in one short look.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        Snapshot {
+            rows: self.rows(now),
+            reconnects: self.slots.iter().map(|s| s.reconnects).collect(),
+            live: self.live.len(),
+            tunnels: self.slots.len(),
+            stats: self.stats.clone(),
+            flows: self.flows.len(),
+            pending: self.pending.len(),
+        }
+    }
+
     /// The per-tunnel rows of the metrics.
     pub fn rows(&self, now: Instant) -> Vec<TunnelRow> {
         self.slots
@@ -1384,6 +1397,32 @@ fn deliver(
         stats.tun_tx_packets += 1;
     } else {
         stats.drop_packet(PacketDrop::TunBatchFull);
+    }
+}
+
+/// What the metrics show of a node (see [`Node::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// One row per tunnel.
+    pub rows: Vec<TunnelRow>,
+    /// Shoot: streams opened after the first, per tunnel (as `rows`).
+    pub reconnects: Vec<u64>,
+    pub live: usize,
+    pub tunnels: usize,
+    pub stats: NodeStats,
+    /// Entries in the flow table.
+    pub flows: usize,
+    /// Seed: streams not authenticated yet.
+    pub pending: usize,
+}
+
+impl Snapshot {
+    /// The families both sides expose: the per-tunnel ones (labelled `<label>`) and the
+    /// data-plane counters.
+    pub fn expose(&self, e: &mut crate::metrics::Exposition, prefix: &str, label: &str) {
+        crate::metrics::expose_tunnels(e, prefix, label, &self.rows);
+        let rejected = self.rows.iter().map(|r| r.stats.rejected_messages).sum();
+        self.stats.expose(e, prefix, rejected);
     }
 }
 

@@ -16,7 +16,7 @@ use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, GSO_MAX_SIZE};
 use common::limits::{LimitKind, PendingSlots};
-use common::metrics::{expose_tunnels, Exposition, Kind};
+use common::metrics::{Exposition, Kind};
 use common::node::{Node, NodeConfig, Refusal};
 use common::session::SessionConfig;
 use tokio::net::{TcpListener, UnixListener};
@@ -121,26 +121,16 @@ impl Health for Server {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
         let now = Instant::now();
         // One short lock: the node's state is copied out, formatting happens after.
-        let (rows, live, plane, flows, pending) = {
-            let node = self.node.lock();
-            (
-                node.rows(now),
-                node.live().len(),
-                node.stats().clone(),
-                node.flow_count(),
-                node.pending_count(),
-            )
-        };
+        let snap = self.node.lock().snapshot(now);
+        let plane = &snap.stats;
         let mut e = Exposition::new();
         e.single(
             "vpn_seed_tunnels_up",
             Kind::Gauge,
             "Tunnels with a stream and an established session.",
-            live as f64,
+            snap.live as f64,
         );
-        expose_tunnels(&mut e, "vpn_seed", "peer", &rows);
-        let rejected = rows.iter().map(|r| r.stats.rejected_messages).sum();
-        plane.expose(&mut e, "vpn_seed", rejected);
+        snap.expose(&mut e, "vpn_seed", "peer");
         e.single(
             "vpn_seed_streams_accepted_total",
             Kind::Counter,
@@ -182,7 +172,7 @@ impl Health for Server {
             "vpn_seed_flows",
             Kind::Gauge,
             "Entries in the flow table.",
-            flows as f64,
+            snap.flows as f64,
         );
         e.family(
             "vpn_seed_limit_hits_total",
@@ -205,7 +195,7 @@ impl Health for Server {
             "vpn_seed_pending_streams",
             Kind::Gauge,
             "Tunnel streams accepted and not yet authenticated.",
-            pending as f64,
+            snap.pending as f64,
         );
         e.single(
             "vpn_seed_proxy_pending_connections",

@@ -14,7 +14,7 @@ use common::io::nodeio::{self, NodeCell, StreamIo, TunWriters};
 use common::io::tun::TunConfig;
 use common::io::tunio::{Tun, GSO_MAX_SIZE};
 use common::limits::Limits;
-use common::metrics::{expose_tunnels, Exposition, Kind};
+use common::metrics::{Exposition, Kind};
 use common::node::{Node, NodeConfig};
 use common::session::SessionConfig;
 use tokio::net::TcpListener;
@@ -45,39 +45,26 @@ impl Health for Client {
     fn metrics(&self) -> String {
         let now = Instant::now();
         // One short lock: the node's state is copied out, formatting happens after.
-        let (rows, reconnects, plane, flows) = {
-            let node = self.node.lock();
-            let reconnects: Vec<u64> = (0..node.tunnels())
-                .map(|i| node.reconnects(TunnelId(i as u32)))
-                .collect();
-            (
-                node.rows(now),
-                reconnects,
-                node.stats().clone(),
-                node.flow_count(),
-            )
-        };
+        let snap = self.node.lock().snapshot(now);
         let mut e = Exposition::new();
-        expose_tunnels(&mut e, "vpn_shoot", "server", &rows);
+        snap.expose(&mut e, "vpn_shoot", "server");
         e.family(
             "vpn_shoot_reconnects_total",
             Kind::Counter,
             "Tunnel streams opened after the first.",
         );
-        for (r, n) in rows.iter().zip(reconnects) {
+        for (r, n) in snap.rows.iter().zip(&snap.reconnects) {
             e.sample(
                 "vpn_shoot_reconnects_total",
                 &[("server", &r.name)],
-                n as f64,
+                *n as f64,
             );
         }
-        let rejected = rows.iter().map(|r| r.stats.rejected_messages).sum();
-        plane.expose(&mut e, "vpn_shoot", rejected);
         e.single(
             "vpn_shoot_flows",
             Kind::Gauge,
             "Entries in the flow table (which tunnel each flow came from).",
-            flows as f64,
+            snap.flows as f64,
         );
         e.finish()
     }
