@@ -1483,3 +1483,52 @@ impl NodeStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Exposition;
+
+    #[test]
+    fn data_plane_families_name_every_reason() {
+        let mut s = NodeStats {
+            tun_rx_packets: 3,
+            ..NodeStats::default()
+        };
+        s.drop_frames(FrameDrop::QueueFull);
+        s.drop_packet(PacketDrop::WrongTunnel);
+        s.refuse(Refusal::Replay);
+        let mut e = Exposition::new();
+        s.expose(&mut e, "x", 2);
+        s.expose_refusals(&mut e, "x");
+        let text = e.finish();
+        for line in [
+            "x_tun_packets_total{direction=\"rx\"} 3\n",
+            "x_stream_bytes_total{direction=\"tx\"} 0\n",
+            "x_packets_dropped_total{reason=\"wrong_tunnel\"} 1\n",
+            "x_packets_dropped_total{reason=\"tun_batch_full\"} 0\n",
+            "x_frames_dropped_total{reason=\"rejected\"} 2\n",
+            "x_frames_dropped_total{reason=\"queue_full\"} 1\n",
+            "x_frames_dropped_total{reason=\"no_stream\"} 0\n",
+            "x_streams_refused_total{reason=\"preamble_replay\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(text.matches("# TYPE").count(), 5);
+        assert_eq!(s.refused_total(), 1);
+        for r in PacketDrop::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", r.name())), "{r}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_with_a_limit_names_it() {
+        assert_eq!(Refusal::Evicted.limit(), Some(LimitKind::PendingStreams));
+        assert_eq!(
+            Refusal::HandshakeBudget.limit(),
+            Some(LimitKind::Handshakes)
+        );
+        assert_eq!(Refusal::UnknownPeer.limit(), None);
+        assert_eq!(Refusal::COUNT, Refusal::ALL.len());
+    }
+}
