@@ -8,13 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use common::hub::{Hub, PeerConfig};
 use common::io::health::Health;
-use common::io::netlink::Netlink;
 use common::io::nodeio::{self, NodeCell, TunWriters};
 use common::io::process::Stopped;
 use common::io::sock::{tune_stream, TcpTuning};
 use common::io::tls::ReloadingServerConfig;
 use common::io::tun::TunConfig;
-use common::io::tunio::{Tun, GSO_MAX_SIZE};
 use common::limits::{LimitKind, PendingSlots};
 use common::metrics::{Exposition, Kind};
 use common::node::{Node, NodeConfig, Refusal};
@@ -282,24 +280,14 @@ pub async fn run(
         None => None,
     };
 
-    let tun = Tun::new(
-        common::io::tun::create(&TunConfig {
-            name: cfg.tun_name.clone(),
-            mtu: cfg.mtu,
-            addrs: cfg.tun_addrs.clone(),
-            offload: cfg.tun_offload,
-        })
-        .with_context(|| format!("TUN {}", cfg.tun_name))?,
-        cfg.mtu,
-    );
+    let (tun, netlink) = nodeio::open_tun(&TunConfig {
+        name: cfg.tun_name.clone(),
+        mtu: cfg.mtu,
+        addrs: cfg.tun_addrs.clone(),
+        offload: cfg.tun_offload,
+    })
+    .await?;
     common::io::sysctl::seed_tun(&cfg.tun_name).context("sysctls")?;
-    let netlink = Netlink::new().await.context("netlink")?;
-    if tun.offload {
-        netlink
-            .set_gso_max_size(&cfg.tun_name, GSO_MAX_SIZE)
-            .await
-            .context("TUN gso_max_size")?;
-    }
     let has_v4 = cfg
         .tun_addrs
         .iter()

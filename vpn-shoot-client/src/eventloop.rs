@@ -9,10 +9,9 @@ use anyhow::{anyhow, Context, Result};
 use common::flow::TunnelId;
 use common::io::framed::MAX_QUEUED;
 use common::io::health::Health;
-use common::io::netlink::Netlink;
 use common::io::nodeio::{self, NodeCell, StreamIo, TunWriters};
 use common::io::tun::TunConfig;
-use common::io::tunio::{Tun, GSO_MAX_SIZE};
+use common::io::tunio::Tun;
 use common::limits::Limits;
 use common::metrics::{Exposition, Kind};
 use common::node::{Node, NodeConfig};
@@ -76,26 +75,18 @@ struct NetSetup {
 }
 
 async fn setup_network(cfg: &Config) -> Result<(Tun, NetSetup)> {
-    let tun = common::io::tun::create(&TunConfig {
+    let (tun, netlink) = nodeio::open_tun(&TunConfig {
         name: cfg.tun_name.clone(),
         mtu: cfg.mtu,
         addrs: Vec::new(),
         offload: cfg.tun_offload,
     })
-    .with_context(|| format!("TUN {}", cfg.tun_name))?;
-    let tun = Tun::new(tun, cfg.mtu);
+    .await?;
     let has_v6 = cfg
         .vpn_networks
         .iter()
         .any(|n| matches!(n, ipnet::IpNet::V6(_)));
     common::io::sysctl::shoot_forwarding(&cfg.tun_name, has_v6).context("sysctls")?;
-    let netlink = Netlink::new().await.context("netlink")?;
-    if tun.offload {
-        netlink
-            .set_gso_max_size(&cfg.tun_name, GSO_MAX_SIZE)
-            .await
-            .context("TUN gso_max_size")?;
-    }
     netlink
         .install_vpn_routes(&cfg.tun_name, &cfg.vpn_networks)
         .await

@@ -281,6 +281,24 @@ async fn flush_tun(tun: &mut TunWriter) {
     }
 }
 
+/// Creates the node's TUN and a netlink handle; with offload, lowers the TUN's
+/// `gso_max_size` so that one super-packet fits one tunnel frame.
+pub async fn open_tun(
+    cfg: &super::tun::TunConfig,
+) -> anyhow::Result<(Tun, super::netlink::Netlink)> {
+    use anyhow::Context;
+    let dev = super::tun::create(cfg).with_context(|| format!("TUN {}", cfg.name))?;
+    let tun = Tun::new(dev, cfg.mtu);
+    let netlink = super::netlink::Netlink::new().await.context("netlink")?;
+    if tun.offload {
+        netlink
+            .set_gso_max_size(&cfg.name, super::tunio::GSO_MAX_SIZE)
+            .await
+            .context("TUN gso_max_size")?;
+    }
+    Ok((tun, netlink))
+}
+
 /// TUN → node → streams: every batch read from the TUN is handed to the node under one lock.
 pub async fn pump_tun(cell: Arc<NodeCell>, mut reader: TunReader) -> anyhow::Result<()> {
     loop {
