@@ -1063,43 +1063,10 @@ impl<S, P> Node<S, P> {
                 deliver(policy, cfg, flows, stats, t, p, now, tun);
             })
             .map_err(|e| refused(Refusal::FirstMessage, e))?;
-        slot.generation += 1;
-        let generation = slot.generation;
         slot.session
             .stream_up(now, &mut slot.out)
             .map_err(|e| refused(Refusal::FirstMessage, e))?;
-        let rate = cfg.limits.peer_handshakes_per_second;
-        let old = slot.stream.replace(Attached {
-            generation,
-            handle,
-            rekeys: TokenBucket::per_second(rate),
-            since: now,
-        });
-        let id = StreamId {
-            tunnel: t,
-            generation,
-        };
-        let replaced = old.map(|old| {
-            let old_id = StreamId {
-                tunnel: t,
-                generation: old.generation,
-            };
-            self.closed.push_back(Closed {
-                stream: old_id,
-                handle: old.handle,
-                reason: CloseReason::Replaced,
-            });
-            self.push_event(Event::StreamDown {
-                stream: old_id,
-                reason: CloseReason::Replaced,
-                detail: format!("replaced by stream {generation}"),
-            });
-            old_id
-        });
-        self.push_event(Event::StreamUp {
-            stream: id,
-            replaced,
-        });
+        let id = self.attach(t, handle, now);
         self.mark_dirty(t);
         Ok(id)
     }
@@ -1201,25 +1168,9 @@ impl<S, P> Node<S, P> {
             slot.reconnects += 1;
         }
         slot.attempts += 1;
-        slot.generation += 1;
-        let generation = slot.generation;
         slot.dial = Dial::Idle;
-        let rate = self.cfg.limits.peer_handshakes_per_second;
-        slot.stream = Some(Attached {
-            generation,
-            handle,
-            rekeys: TokenBucket::per_second(rate),
-            since: started,
-        });
+        let id = self.attach(t, handle, started);
         self.stats.streams_accepted += 1;
-        let id = StreamId {
-            tunnel: t,
-            generation,
-        };
-        self.push_event(Event::StreamUp {
-            stream: id,
-            replaced: None,
-        });
         self.update_live();
         Ok(id)
     }
@@ -1298,6 +1249,52 @@ impl<S, P> Node<S, P> {
         if matches!(self.policy, Policy::Shoot { .. }) {
             self.schedule_redial(t, since, now);
         }
+    }
+
+    /// Attaches a new stream generation of tunnel `t`; a stream it replaces goes to `closed`.
+    /// `since`: when the stream began (its dial's start on the shoot).
+    fn attach(&mut self, t: TunnelId, handle: S, since: Instant) -> StreamId {
+        let rate = self.cfg.limits.peer_handshakes_per_second;
+        let Some(slot) = self.slots.get_mut(t.index()) else {
+            return StreamId {
+                tunnel: t,
+                generation: 0,
+            };
+        };
+        slot.generation += 1;
+        let generation = slot.generation;
+        let old = slot.stream.replace(Attached {
+            generation,
+            handle,
+            rekeys: TokenBucket::per_second(rate),
+            since,
+        });
+        let id = StreamId {
+            tunnel: t,
+            generation,
+        };
+        let replaced = old.map(|old| {
+            let old_id = StreamId {
+                tunnel: t,
+                generation: old.generation,
+            };
+            self.closed.push_back(Closed {
+                stream: old_id,
+                handle: old.handle,
+                reason: CloseReason::Replaced,
+            });
+            self.push_event(Event::StreamDown {
+                stream: old_id,
+                reason: CloseReason::Replaced,
+                detail: format!("replaced by stream {generation}"),
+            });
+            old_id
+        });
+        self.push_event(Event::StreamUp {
+            stream: id,
+            replaced,
+        });
+        id
     }
 
     fn mark_dirty(&mut self, t: TunnelId) {
