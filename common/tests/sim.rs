@@ -26,7 +26,7 @@ use common::limits::{LimitKind, Limits, PendingKey};
 use common::node::{
     CloseReason, FrameDrop, Node, NodeConfig, PacketBatch, PacketDrop, Refusal, StreamId,
 };
-use common::preamble::{parse_preamble, PreambleKey, PREAMBLE_V1};
+use common::preamble::{parse_preamble, Preamble, PreambleKey, PREAMBLE_V1};
 use common::session::SessionConfig;
 use mock_instant::MockClock;
 use rand::rngs::OsRng;
@@ -403,21 +403,10 @@ impl World {
                     pipe.seed_end = SeedEnd::Closed;
                     return true;
                 }
-                let (preamble, len) = match parse_preamble(&pipe.c2s) {
-                    Ok(Some(p)) => p,
+                let (preamble, first, rest) = match parse_opening(&pipe.c2s) {
+                    Ok(Some(o)) => o,
                     Ok(None) => return false,
-                    Err(_) => {
-                        seed.node.stream_refused(key, Some(Refusal::Opening));
-                        pipe.seed_end = SeedEnd::Closed;
-                        pipe.closed_by_seed = true;
-                        return true;
-                    }
-                };
-                let mut rest = BytesMut::from(&pipe.c2s[len..]);
-                let first = match FrameDecoder::new(FIRST_MESSAGE_MAX).decode(&mut rest) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return false,
-                    Err(_) => {
+                    Err(()) => {
                         seed.node.stream_refused(key, Some(Refusal::Opening));
                         pipe.seed_end = SeedEnd::Closed;
                         pipe.closed_by_seed = true;
@@ -556,6 +545,17 @@ impl World {
     fn restart_seed(&mut self, s: usize) {
         self.seeds[s] = self.new_seed();
     }
+}
+
+/// The preamble and first frame at the front of `c2s` (as the seed's listener reads them),
+/// and what follows; `None` while incomplete.
+fn parse_opening(c2s: &[u8]) -> Result<Option<(Preamble, BytesMut, BytesMut)>, ()> {
+    let Some((preamble, len)) = parse_preamble(c2s).map_err(drop)? else {
+        return Ok(None);
+    };
+    let mut rest = BytesMut::from(c2s.get(len..).unwrap_or_default());
+    let decoded = FrameDecoder::new(FIRST_MESSAGE_MAX).decode(&mut rest);
+    Ok(decoded.map_err(drop)?.map(|first| (preamble, first, rest)))
 }
 
 /// Hands what `buf` holds to `node` as data of `stream`; returns whether anything changed.
