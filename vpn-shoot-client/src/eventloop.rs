@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use common::flow::TunnelId;
-use common::io::framed::MAX_QUEUED;
 use common::io::health::Health;
 use common::io::nodeio::{self, NodeCell, StreamIo, TunWriters};
 use common::io::tun::TunConfig;
@@ -118,10 +117,7 @@ pub async fn run(
             keepalive: cfg.keepalive,
             dead_timeout: cfg.dead_peer_timeout,
         },
-        limits: Limits {
-            frames_queued_per_tunnel: MAX_QUEUED,
-            ..Limits::default()
-        },
+        limits: Limits::default(),
         shoot_networks: Default::default(),
         tunnel_sources: Default::default(),
     };
@@ -214,7 +210,8 @@ async fn connect(cell: Arc<NodeCell>, writers: Arc<TunWriters>, t: TunnelId, dia
     };
     let remote = dialed.remote.clone();
     let leftover = dialed.leftover.clone();
-    let (reader, sink, tls_writer) = dialed.into_parts(MAX_QUEUED);
+    let max_queued = cell.lock().limits().frames_queued_per_tunnel;
+    let (reader, sink, tls_writer) = dialed.into_parts(max_queued);
     let io = StreamIo::new(sink.clone());
     let stop = io.stop.clone();
     let id = {

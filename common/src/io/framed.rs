@@ -27,9 +27,6 @@ struct SinkInner {
     max_queued: usize,
 }
 
-/// Bytes a stream may queue for its writer before frames are dropped.
-pub const MAX_QUEUED: usize = 4 * 1024 * 1024;
-
 /// Reads what the socket has into `buf` (at least one byte, or 0 at end of stream).
 pub async fn read_some(sock: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     loop {
