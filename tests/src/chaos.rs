@@ -298,7 +298,7 @@ pub fn observe(lab: &Lab) -> Result<NetState> {
         if v6 {
             args.insert(0, "-6");
         }
-        Ok(lines(&lab.seed, "ip", &args)?
+        Ok(lines(&lab.seeds[0], "ip", &args)?
             .iter()
             .filter(|l| {
                 l.contains(&format!("oif {TUN} "))
@@ -311,19 +311,19 @@ pub fn observe(lab: &Lab) -> Result<NetState> {
     };
     let (v4, v6) = vpn_nets();
     let routes_to = |net: &str, fam: &str| -> Result<Vec<String>> {
-        Ok(lines(&lab.shoot, "ip", &[fam, "route", "show"])?
+        Ok(lines(&lab.shoots[0], "ip", &[fam, "route", "show"])?
             .into_iter()
             .filter(|l| l.split_whitespace().next() == Some(net))
             .collect())
     };
-    let tables = lines(&lab.shoot, "nft", &["list", "tables"])?;
+    let tables = lines(&lab.shoots[0], "nft", &["list", "tables"])?;
     let nft_tables = tables
         .iter()
         .filter(|l| **l == format!("table inet {NFT_TABLE}"))
         .count();
     let nft_table = if nft_tables > 0 {
         lines(
-            &lab.shoot,
+            &lab.shoots[0],
             "nft",
             &["-s", "list", "table", "inet", NFT_TABLE],
         )
@@ -333,12 +333,20 @@ pub fn observe(lab: &Lab) -> Result<NetState> {
         String::new()
     };
     Ok(NetState {
-        seed_tun: links_named(&lab.seed, TUN)?,
+        seed_tun: links_named(&lab.seeds[0], TUN)?,
         seed_rules_v4: rule(false)?,
         seed_rules_v6: rule(true)?,
-        seed_table_v4: lines(&lab.seed, "ip", &["-4", "route", "show", "table", TABLE])?,
-        seed_table_v6: lines(&lab.seed, "ip", &["-6", "route", "show", "table", TABLE])?,
-        shoot_tun: links_named(&lab.shoot, TUN)?,
+        seed_table_v4: lines(
+            &lab.seeds[0],
+            "ip",
+            &["-4", "route", "show", "table", TABLE],
+        )?,
+        seed_table_v6: lines(
+            &lab.seeds[0],
+            "ip",
+            &["-6", "route", "show", "table", TABLE],
+        )?,
+        shoot_tun: links_named(&lab.shoots[0], TUN)?,
         shoot_routes_v4: routes_to(&v4, "-4")?,
         shoot_routes_v6: routes_to(&v6, "-6")?,
         nft_tables,
@@ -478,8 +486,8 @@ fn kill_restart(lab: &mut Lab, target: Target) -> Result<(u32, Instant)> {
     }
     let restart = Instant::now();
     match target {
-        Target::ShootClient => lab.start_shoot_client(),
-        Target::SeedServer => lab.start_seed_server(),
+        Target::ShootClient => lab.start_client(0),
+        Target::SeedServer => lab.start_server(0),
         Target::Ingress => lab.start_ingress(),
     }
     .with_context(|| format!("restart {name}"))?;
@@ -493,7 +501,7 @@ fn first_connect(
     since: Instant,
     deadline: Instant,
 ) -> (Result<Duration, String>, Vec<(Duration, String)>) {
-    let uds = lab.uds_path();
+    let uds = lab.uds(0);
     let mut failed = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -1,17 +1,25 @@
-//! The `seed | gw | shoot | pod` topology with every component, shared by the e2e tests and
-//! the lab tool.
+//! The lab topology shared by the e2e, HA, hostile, soak and chaos tests, the benchmark and
+//! the lab tool: `seeds` seed server replicas and `clients` shoot client replicas behind one
+//! ingress, in network namespaces, with the real binaries.
 //!
 //! ```text
-//!  seed ─────────────── gw ─────────────── shoot ─────────────── pod
-//!  192.168.77.1/24      192.168.77.2/24    10.250.0.2/24         100.96.1.10/24
-//!  fd00:77::1/64        fd00:77::2/64      100.96.1.1/24         fd00:96:0:1::10/64
-//!                       10.250.0.1/24      fd00:96:0:1::1/64     default via shoot
-//!  vpn-seed-server      ingress :8132      vpn-shoot-client      podserver :8080
+//!  seed    192.168.77.1 ─┐          gw                 ┌─ shoot   10.250.0.2 ─┐ 100.96.1.1
+//!  (seed0) fd00:77::1    ├─ .77.2   ingress :8132 ─────┤  (shoota)            ├─ pod 100.96.1.10
+//!  seed1   192.168.78.1 ─┘  .78.2   10.250.0.1         └─ shootb  10.250.0.3 ─┘     fd00:96:0:1::10
+//!   vpn-seed-server i               (routes by header)     vpn-shoot-client   100.96.1.2
 //! ```
-//! The seed has no route to the pod network and gw does not forward: the only way from the
-//! seed to a pod is the tunnel. Optional extras: `local` (a seed-side network overlapping the
-//! pod network, 100.96.1.0/24 between seed and `local`) and `shoot2` (a second shoot behind gw,
-//! 10.250.1.0/24).
+//! One replica of each ([`LabOptions::default`]) is the plain `seed | gw | shoot | pod` chain
+//! of veth pairs; with more clients, gw and the pod join their shoots through a bridge each.
+//! Addresses do not depend on the counts: seed `i` is `192.168.(77+i).1`, client `i` is
+//! `10.250.0.(2+i)` towards gw and `100.96.1.(1+i)` towards the pod (what the pod sees, the
+//! clients masquerade), and the pod's default route goes via client 0. The seeds have no
+//! route to the pod network and gw does not forward: the only way from a seed to the pod is a
+//! tunnel. All servers share one key pair and allow every client key; every client dials
+//! every server (header value `vpn-seed-server` for one replica, `vpn-seed-server-<i>` for
+//! more, as Gardener names them). Optional extras: `local` (a seed-side network overlapping
+//! the pod network, 100.96.1.0/24 between seed 0 and `local`) and `shoot2` (a second shoot
+//! behind gw, 10.250.1.0/24). Processes are stopped before the namespaces are deleted; on
+//! panic every process log is printed first.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,28 +27,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use crate::client::{connect_uds, http_get};
 use crate::env::try_bin;
+use crate::load::{ask_whoami, client_of, Held};
 use crate::netns::{self, unique_prefix, veth, Netns};
 use crate::pki::{write_secret, Pki};
 use crate::proc::{wait_running, Proc, Procs};
+use crate::prom::{http_text, metric};
 use crate::tmp::TempDir;
 use crate::wait::{http_status, is_listening};
 
-/// Seed server tunnel listener (in `seed`).
+/// Seed server 0's tunnel listener (in its seed namespace); see [`seed_tunnel`].
 pub const SEED_TUNNEL: &str = "192.168.77.1:1194";
-/// Seed server mTLS proxy listener (in `seed`).
+/// Every seed server's mTLS proxy listener (in its own seed namespace).
 pub const PROXY_TCP: &str = "127.0.0.1:9443";
-/// Seed server metrics/health listener (in `seed`).
+/// Every seed server's metrics/health listener (in its own seed namespace).
 pub const SEED_METRICS: &str = "127.0.0.1:15000";
-/// Shoot client metrics/health listener (in each shoot namespace).
+/// Every shoot client's metrics/health listener (in its own shoot namespace).
 pub const CLIENT_METRICS: &str = "127.0.0.1:15001";
 /// Ingress stand-in listener (in `gw`).
 pub const INGRESS: &str = "10.250.0.1:8132";
-/// Routing header value that selects the seed server at the ingress.
+/// Routing header value that selects the seed server at the ingress (one replica).
 pub const ROUTE_VALUE: &str = "vpn-seed-server";
 /// The pod's addresses.
 pub const POD_V4: &str = "100.96.1.10";
@@ -48,6 +59,10 @@ pub const POD_V4: &str = "100.96.1.10";
 pub const POD_V6: &str = "fd00:96:0:1::10";
 /// The pod server's port (also used by the seed-local server).
 pub const POD_PORT: u16 = 8080;
+/// The pod's IPv4 CONNECT target.
+pub const POD_TARGET: &str = "100.96.1.10:8080";
+/// The pod's IPv6 CONNECT target.
+pub const POD_TARGET_V6: &str = "[fd00:96:0:1::10]:8080";
 /// Body of the pod's `index.html`.
 pub const POD_INDEX: &str = "hello from pod\n";
 /// Body of the seed-local server's `index.html`.
@@ -62,19 +77,79 @@ pub const SERVICE_NETWORKS: &str = "100.64.0.0/13";
 pub const NODE_NETWORKS: &str = "10.250.0.0/16";
 /// VPN transfer network.
 pub const VPN_NETWORK: &str = "192.168.123.0/24,fd8f:6d53:b97a:1::/96";
+/// Most seed server replicas and most shoot client replicas a lab holds.
+pub const MAX_REPLICAS: usize = 4;
+/// Short names of the clients when there are several (namespaces `shoota`, `shootb`, …).
+pub const CLIENT_LETTERS: [&str; MAX_REPLICAS] = ["a", "b", "c", "d"];
+/// Read/write timeout of one CONNECT + request made by the helpers.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// nftables table [`Lab::blackhole`] adds in a shoot namespace.
+pub const BLACKHOLE_TABLE: &str = "lab_blackhole";
 
 /// Readiness deadline for a starting component.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Optional parts of the topology.
-#[derive(Debug, Clone, Copy, Default)]
+/// Seed server `i`'s tunnel listener.
+pub fn seed_tunnel(i: usize) -> String {
+    format!("192.168.{}.1:1194", 77 + i)
+}
+
+/// Client `i`'s IPv4 address towards the pod: what the pod sees after masquerade.
+pub fn client_lan_v4(i: usize) -> String {
+    format!("100.96.1.{}", 1 + i)
+}
+
+/// Client `i`'s IPv6 address towards the pod.
+pub fn client_lan_v6(i: usize) -> String {
+    format!("fd00:96:0:1::{}", 1 + i)
+}
+
+/// The shape of the lab and the options of its VPN processes.
+#[derive(Debug, Clone, Copy)]
 pub struct LabOptions {
+    /// Seed server replicas (1 to [`MAX_REPLICAS`]).
+    pub seeds: usize,
+    /// Shoot client replicas (1 to [`MAX_REPLICAS`]), each with its own key.
+    pub clients: usize,
     /// Add namespace `local` on a seed network that overlaps the pod network.
     pub seed_local: bool,
     /// Add namespace `shoot2`, a second shoot behind gw.
     pub second_shoot: bool,
     /// Put a 64 MiB random `big.bin` into the pod server's directory.
     pub big_file: bool,
+    /// `--keepalive` for every server and client (product default when `None`).
+    pub keepalive: Option<&'static str>,
+    /// `--dead-peer-timeout` for every server and client (product default when `None`).
+    pub dead_peer_timeout: Option<&'static str>,
+    /// Give the servers the client keys as `--peers-dir` instead of `--peer`.
+    pub peers_dir: bool,
+}
+
+impl Default for LabOptions {
+    /// One seed server, one shoot client, no extras, product defaults.
+    fn default() -> Self {
+        Self {
+            seeds: 1,
+            clients: 1,
+            seed_local: false,
+            second_shoot: false,
+            big_file: false,
+            keepalive: None,
+            dead_peer_timeout: None,
+            peers_dir: false,
+        }
+    }
+}
+
+impl LabOptions {
+    /// The high-availability shape: two seed servers and two shoot clients.
+    pub fn ha() -> Self {
+        Self {
+            seeds: 2,
+            clients: 2,
+            ..Self::default()
+        }
+    }
 }
 
 /// A WireGuard key pair on disk.
@@ -86,19 +161,19 @@ pub struct KeyPair {
     pub public: String,
 }
 
-/// The topology: namespaces, files and processes. Processes are stopped before the
+/// The topology: namespaces, keys, files and processes. Processes are stopped before the
 /// namespaces are deleted; on panic every process log is printed first.
 #[derive(Debug)]
 pub struct Lab {
     /// Name prefix of everything this lab created.
     pub prefix: String,
     procs: Procs,
-    /// Seed (control plane) namespace.
-    pub seed: Netns,
+    /// Seed (control plane) namespaces, one per seed server.
+    pub seeds: Vec<Netns>,
     /// Ingress gateway namespace.
     pub gw: Netns,
-    /// Shoot node namespace.
-    pub shoot: Netns,
+    /// Shoot node namespaces, one per shoot client.
+    pub shoots: Vec<Netns>,
     /// Pod namespace.
     pub pod: Netns,
     /// Seed-side network overlapping the pod network ([`LabOptions::seed_local`]).
@@ -107,17 +182,23 @@ pub struct Lab {
     pub shoot2: Option<Netns>,
     /// Test PKI.
     pub pki: Pki,
-    /// Seed server key pair (after [`Lab::keys`]).
-    pub seed_key: Option<KeyPair>,
-    /// Shoot client key pair (after [`Lab::keys`]).
-    pub client_key: Option<KeyPair>,
+    /// The key pair every seed server uses.
+    pub server_key: KeyPair,
+    /// Key pairs of the clients.
+    pub client_keys: Vec<KeyPair>,
     /// `big.bin` path and sha256 hex ([`LabOptions::big_file`]).
     pub big: Option<(PathBuf, String)>,
+    /// Shape and process options.
+    pub opts: LabOptions,
     dir: TempDir,
 }
 
 fn ns(prefix: &str, role: &str) -> Result<Netns> {
     Netns::create(&format!("{prefix}-{role}"))
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
 }
 
 impl Lab {
@@ -127,12 +208,20 @@ impl Lab {
     }
 
     /// Builds the network part of the topology: namespaces, links, addresses, routes, PKI,
-    /// the pod's web root. Starts no process.
+    /// keys, the pod's web root. Checks that no seed reaches the pod. Starts no process.
     pub fn with_prefix(prefix: &str, opts: LabOptions) -> Result<Self> {
+        ensure!(
+            (1..=MAX_REPLICAS).contains(&opts.seeds) && (1..=MAX_REPLICAS).contains(&opts.clients),
+            "a lab holds 1 to {MAX_REPLICAS} seed servers and shoot clients"
+        );
         let dir = TempDir::new(prefix)?;
-        let seed = ns(prefix, "seed")?;
+        let seeds = (0..opts.seeds)
+            .map(|i| ns(prefix, &Self::seed_role(opts.seeds, i)))
+            .collect::<Result<Vec<_>>>()?;
         let gw = ns(prefix, "gw")?;
-        let shoot = ns(prefix, "shoot")?;
+        let shoots = (0..opts.clients)
+            .map(|i| ns(prefix, &Self::shoot_role(opts.clients, i)))
+            .collect::<Result<Vec<_>>>()?;
         let pod = ns(prefix, "pod")?;
         let local = if opts.seed_local {
             Some(ns(prefix, "local")?)
@@ -145,34 +234,70 @@ impl Lab {
             None
         };
 
-        veth(&seed, "gw0", &gw, "seed0")?;
-        seed.addr("gw0", "192.168.77.1/24")?;
-        seed.addr("gw0", "fd00:77::1/64")?;
-        gw.addr("seed0", "192.168.77.2/24")?;
-        gw.addr("seed0", "fd00:77::2/64")?;
-
-        veth(&gw, "shoot0", &shoot, "gw0")?;
-        gw.addr("shoot0", "10.250.0.1/24")?;
-        shoot.addr("gw0", "10.250.0.2/24")?;
+        for (i, seed) in seeds.iter().enumerate() {
+            let gw_if = format!("seed{i}");
+            veth(seed, "gw0", &gw, &gw_if)?;
+            seed.addr("gw0", &format!("192.168.{}.1/24", 77 + i))?;
+            seed.addr("gw0", &format!("fd00:{}::1/64", 77 + i))?;
+            gw.addr(&gw_if, &format!("192.168.{}.2/24", 77 + i))?;
+            gw.addr(&gw_if, &format!("fd00:{}::2/64", 77 + i))?;
+        }
         gw.sysctl("net.ipv4.ip_forward", "0")?;
         gw.sysctl("net.ipv6.conf.all.forwarding", "0")?;
 
-        veth(&shoot, "pod0", &pod, "shoot0")?;
-        shoot.addr("pod0", "100.96.1.1/24")?;
-        shoot.addr("pod0", "fd00:96:0:1::1/64")?;
-        pod.addr("shoot0", "100.96.1.10/24")?;
-        pod.addr("shoot0", "fd00:96:0:1::10/64")?;
-        pod.ip(&["route", "add", "default", "via", "100.96.1.1"])?;
-        pod.ip(&["-6", "route", "add", "default", "via", "fd00:96:0:1::1"])?;
+        // One client: direct veth pairs (the benchmark's product path has no bridge in it).
+        // More: gw and the pod each bridge their ports to the shoots.
+        let bridged = opts.clients > 1;
+        let (gw_lan, pod_lan) = if bridged {
+            for n in [&gw, &pod] {
+                n.ip(&["link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
+            }
+            ("br0", "br0")
+        } else {
+            ("shoot0", "shoot0")
+        };
+        for (i, shoot) in shoots.iter().enumerate() {
+            let port = if bridged {
+                format!("shoot{}", CLIENT_LETTERS[i])
+            } else {
+                "shoot0".to_owned()
+            };
+            veth(&gw, &port, shoot, "gw0")?;
+            veth(&pod, &port, shoot, "pod0")?;
+            if bridged {
+                gw.ip(&["link", "set", &port, "master", "br0"])?;
+                pod.ip(&["link", "set", &port, "master", "br0"])?;
+            }
+            shoot.addr("gw0", &format!("10.250.0.{}/24", i + 2))?;
+            shoot.addr("pod0", &format!("{}/24", client_lan_v4(i)))?;
+            shoot.addr("pod0", &format!("{}/64", client_lan_v6(i)))?;
+        }
+        gw.addr(gw_lan, "10.250.0.1/24")?;
+        pod.addr(pod_lan, &format!("{POD_V4}/24"))?;
+        pod.addr(pod_lan, &format!("{POD_V6}/64"))?;
+        pod.ip(&["route", "add", "default", "via", &client_lan_v4(0)])?;
+        pod.ip(&["-6", "route", "add", "default", "via", &client_lan_v6(0)])?;
 
         if let Some(s2) = &shoot2 {
-            veth(&gw, "shoot1", s2, "gw0")?;
-            gw.addr("shoot1", "10.250.1.1/24")?;
+            veth(&gw, "shoot2", s2, "gw0")?;
+            gw.addr("shoot2", "10.250.1.1/24")?;
             s2.addr("gw0", "10.250.1.2/24")?;
             s2.ip(&["route", "add", "10.250.0.0/24", "via", "10.250.1.1"])?;
         }
 
         let pki = Pki::generate(dir.path())?;
+        let server_key = gen_key(dir.path(), "seed")?;
+        let client_keys = (0..opts.clients)
+            .map(|i| gen_key(dir.path(), &Self::shoot_role(opts.clients, i)))
+            .collect::<Result<Vec<_>>>()?;
+        if opts.peers_dir {
+            let peers = dir.path().join("peers");
+            std::fs::create_dir(&peers)?;
+            for (i, k) in client_keys.iter().enumerate() {
+                let file = peers.join(Self::shoot_role(opts.clients, i));
+                std::fs::write(file, format!("{}\n", k.public))?;
+            }
+        }
         let www = dir.path().join("pod-www");
         std::fs::create_dir(&www)?;
         std::fs::write(www.join("index.html"), POD_INDEX)?;
@@ -180,23 +305,24 @@ impl Lab {
         let mut lab = Self {
             prefix: prefix.to_owned(),
             procs: Procs::new(dir.path()),
-            seed,
+            seeds,
             gw,
-            shoot,
+            shoots,
             pod,
             local,
             shoot2,
             pki,
-            seed_key: None,
-            client_key: None,
+            server_key,
+            client_keys,
             big: None,
+            opts,
             dir,
         };
-        lab.assert_seed_isolated()?;
+        lab.assert_seeds_isolated()?;
         if let Some(local) = &lab.local {
             // Added after the isolation check: this route overlaps the pod network on purpose.
-            veth(&lab.seed, "local0", local, "seed0")?;
-            lab.seed.addr("local0", "100.96.1.1/24")?;
+            veth(&lab.seeds[0], "local0", local, "seed0")?;
+            lab.seeds[0].addr("local0", "100.96.1.1/24")?;
             local.addr("seed0", "100.96.1.10/24")?;
             let lw = lab.dir.path().join("local-www");
             std::fs::create_dir(&lw)?;
@@ -210,31 +336,131 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Fails unless TCP connects from the seed to the pod (v4 and v6) fail.
-    pub fn assert_seed_isolated(&self) -> Result<()> {
-        for addr in [
-            format!("{POD_V4}:{POD_PORT}"),
-            format!("[{POD_V6}]:{POD_PORT}"),
-        ] {
-            let sa: SocketAddr = addr.parse()?;
-            let res = self
-                .seed
-                .in_ns(|| TcpStream::connect_timeout(&sa, Duration::from_secs(1)))?;
-            if res.is_ok() {
-                bail!("isolation broken: the seed reaches {sa} without a tunnel");
+    fn seed_role(seeds: usize, i: usize) -> String {
+        if seeds == 1 {
+            "seed".to_owned()
+        } else {
+            format!("seed{i}")
+        }
+    }
+
+    fn shoot_role(clients: usize, i: usize) -> String {
+        if clients == 1 {
+            "shoot".to_owned()
+        } else {
+            format!("shoot{}", CLIENT_LETTERS[i % MAX_REPLICAS])
+        }
+    }
+
+    /// Builds the topology, starts the pod server, the ingress, every seed server and every
+    /// shoot client (and the seed-local server with that option), and waits until every
+    /// tunnel is up.
+    pub fn up(opts: LabOptions) -> Result<Self> {
+        let mut lab = Self::new(opts)?;
+        lab.start_pod_server()?;
+        if opts.seed_local {
+            lab.start_local_server()?;
+        }
+        lab.start_ingress()?;
+        for i in 0..opts.seeds {
+            lab.start_server(i)?;
+        }
+        for i in 0..opts.clients {
+            lab.start_client(i)?;
+        }
+        lab.wait_all_up(START_TIMEOUT)?;
+        Ok(lab)
+    }
+
+    /// Starts everything like [`Lab::up`] (one server), plus a DNS responder in the pod
+    /// (`dnsserver` on `POD_V4:53` answering `records`, each `name=ip`) that the seed server
+    /// uses as the shoot's DNS server (`--dns-timeout 1s`).
+    pub fn up_with_dns(opts: LabOptions, records: &[String]) -> Result<Self> {
+        let mut lab = Self::new(opts)?;
+        lab.start_pod_server()?;
+        let mut args = vec!["--listen".to_string(), format!("{POD_V4}:53")];
+        for r in records {
+            args.extend(["--record".to_string(), r.clone()]);
+        }
+        let pod_ns = lab.pod.name().to_owned();
+        lab.spawn_in("dnsserver", &pod_ns, &try_bin("dnsserver")?, &args)?;
+        lab.wait_proc("dnsserver", START_TIMEOUT, "the DNS responder", |l| {
+            l.proc("dnsserver")
+                .is_some_and(|p| p.log().contains("listening"))
+        })?;
+        lab.start_ingress()?;
+        let mut args = lab.server_args(0);
+        args.extend(["--shoot-dns-server", POD_V4, "--dns-timeout", "1s"].map(String::from));
+        lab.start_server_with(0, &args)?;
+        for i in 0..opts.clients {
+            lab.start_client(i)?;
+        }
+        lab.wait_all_up(START_TIMEOUT)?;
+        Ok(lab)
+    }
+
+    /// Fails unless TCP connects from every seed to the pod (v4 and v6) fail.
+    pub fn assert_seeds_isolated(&self) -> Result<()> {
+        for seed in &self.seeds {
+            for target in [POD_TARGET, POD_TARGET_V6] {
+                let sa: SocketAddr = target.parse()?;
+                let res = seed.in_ns(|| TcpStream::connect_timeout(&sa, Duration::from_secs(1)))?;
+                if res.is_ok() {
+                    bail!(
+                        "isolation broken: {} reaches {sa} without a tunnel",
+                        seed.name()
+                    );
+                }
             }
         }
         Ok(())
     }
 
-    /// The lab's temporary directory (logs, PKI, keys, web roots).
+    /// The lab's temporary directory (logs, PKI, keys, sockets, web roots).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    /// Path of the seed server's UDS proxy listener.
-    pub fn uds_path(&self) -> PathBuf {
-        self.dir().join("proxy.sock")
+    /// Path of seed server `i`'s UDS proxy listener.
+    pub fn uds(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("proxy{i}.sock"))
+    }
+
+    /// Seed server 0's and client 0's key pairs.
+    pub fn keys(&self) -> (KeyPair, KeyPair) {
+        (self.server_key.clone(), self.client_keys[0].clone())
+    }
+
+    /// Generates a key pair `<dir>/<name>.key` with the shoot client's subcommands.
+    pub fn gen_key(&self, name: &str) -> Result<KeyPair> {
+        gen_key(self.dir(), name)
+    }
+
+    /// Name of seed server `i`'s process (`seed-server`, or `seed-server-<i>` with several).
+    pub fn server_name(&self, i: usize) -> String {
+        if self.opts.seeds == 1 {
+            "seed-server".to_owned()
+        } else {
+            format!("seed-server-{i}")
+        }
+    }
+
+    /// Name of client `i`'s process (`shoot-client`, or `shoot-client-a`, … with several).
+    pub fn client_name(&self, i: usize) -> String {
+        if self.opts.clients == 1 {
+            "shoot-client".to_owned()
+        } else {
+            format!("shoot-client-{}", CLIENT_LETTERS[i % MAX_REPLICAS])
+        }
+    }
+
+    /// The routing header value that selects seed server `i` at the ingress.
+    pub fn route_value(&self, i: usize) -> String {
+        if self.opts.seeds == 1 {
+            ROUTE_VALUE.to_owned()
+        } else {
+            format!("{ROUTE_VALUE}-{i}")
+        }
     }
 
     /// The running process `name`.
@@ -252,9 +478,14 @@ impl Lab {
         self.procs.iter().map(|p| (p.name(), p.pid()))
     }
 
-    /// Stops process `name` (SIGTERM, then SIGKILL) and forgets it.
+    /// Stops process `name` (SIGTERM, then SIGKILL) and forgets it; nothing if unknown.
     pub fn stop(&mut self, name: &str) -> Result<()> {
         self.procs.remove(name)
+    }
+
+    /// SIGKILLs process `name` (no cleanup, like a crashed pod); its log stays available.
+    pub fn kill9(&mut self, name: &str) -> Result<()> {
+        self.procs.kill9(name)
     }
 
     /// Waits for `cond`, failing early (with the log) if process `name` exits meanwhile.
@@ -266,6 +497,16 @@ impl Lab {
         cond: impl FnMut(&Self) -> bool,
     ) -> Result<Duration> {
         wait_running(self, |l| &mut l.procs, Some(name), timeout, what, cond)
+    }
+
+    /// Waits for `cond`, failing early (with its log) when any process exits meanwhile.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        cond: impl FnMut(&Self) -> bool,
+    ) -> Result<Duration> {
+        wait_running(self, |l| &mut l.procs, None, timeout, what, cond)
     }
 
     /// Starts the pod's HTTP server on `[::]:8080` and waits until it listens.
@@ -301,14 +542,14 @@ impl Lab {
         )
     }
 
-    /// Arguments of the ingress stand-in.
+    /// Arguments of the ingress stand-in: a route per seed server.
     pub fn ingress_args(&self) -> Vec<String> {
-        vec![
-            "--listen".into(),
-            INGRESS.into(),
-            "--route".into(),
-            format!("{ROUTE_VALUE}={SEED_TUNNEL}"),
-        ]
+        let mut a = strings(&["--listen", INGRESS]);
+        for i in 0..self.opts.seeds {
+            a.push("--route".into());
+            a.push(format!("{}={}", self.route_value(i), seed_tunnel(i)));
+        }
+        a
     }
 
     /// Starts the ingress stand-in in `gw` and waits until it listens.
@@ -325,37 +566,48 @@ impl Lab {
 
     /// Kills the ingress with SIGKILL (no cleanup, like a crashed pod).
     pub fn kill_ingress(&mut self) -> Result<()> {
-        match self.proc_mut("ingress") {
-            Some(p) => p.kill9(),
-            None => bail!("ingress is not running"),
+        self.kill9("ingress")
+    }
+
+    fn liveness_args(&self, a: &mut Vec<String>) {
+        if let Some(k) = self.opts.keepalive {
+            a.extend(["--keepalive".into(), k.to_owned()]);
+        }
+        if let Some(d) = self.opts.dead_peer_timeout {
+            a.extend(["--dead-peer-timeout".into(), d.to_owned()]);
         }
     }
 
-    /// Generates (once) the seed's and the shoot client's WireGuard keys with
-    /// `vpn-shoot-client keygen` / `pubkey`.
-    pub fn keys(&mut self) -> Result<(KeyPair, KeyPair)> {
-        if let (Some(s), Some(c)) = (&self.seed_key, &self.client_key) {
-            return Ok((s.clone(), c.clone()));
+    /// Seed server `i`'s arguments per the CLI contract, allowing every client of the lab.
+    pub fn server_args(&self, i: usize) -> Vec<String> {
+        let mut a = self.server_args_base(i);
+        if self.opts.peers_dir {
+            a.push("--peers-dir".into());
+            a.push(self.dir().join("peers").display().to_string());
+        } else {
+            for k in &self.client_keys {
+                a.push("--peer".into());
+                a.push(k.public.clone());
+            }
         }
-        let s = self.gen_key("seed")?;
-        let c = self.gen_key("shoot")?;
-        self.seed_key = Some(s.clone());
-        self.client_key = Some(c.clone());
-        Ok((s, c))
+        a
     }
 
-    /// Generates a key pair `<dir>/<name>.key` with the shoot client's subcommands.
-    pub fn gen_key(&self, name: &str) -> Result<KeyPair> {
-        gen_key(self.dir(), name)
+    /// Seed server `i`'s arguments allowing exactly the keys in `peers`.
+    pub fn server_args_with(&self, i: usize, peers: &[String]) -> Vec<String> {
+        let mut a = self.server_args_base(i);
+        for peer in peers {
+            a.push("--peer".into());
+            a.push(peer.clone());
+        }
+        a
     }
 
-    /// The seed server's arguments per the CLI contract, allowing the peers in `peers`.
-    pub fn seed_server_args(&mut self, peers: &[String]) -> Result<Vec<String>> {
-        let (seed, _) = self.keys()?;
+    fn server_args_base(&self, i: usize) -> Vec<String> {
         let p = &self.pki;
-        let mut a: Vec<String> = [
+        let mut a = strings(&[
             "--tunnel-listen",
-            SEED_TUNNEL,
+            &seed_tunnel(i),
             "--proxy-listen",
             PROXY_TCP,
             "--proxy-tls-cert",
@@ -365,9 +617,9 @@ impl Lab {
             "--proxy-client-ca",
             &p.ca.display().to_string(),
             "--proxy-uds",
-            &self.uds_path().display().to_string(),
+            &self.uds(i).display().to_string(),
             "--private-key-file",
-            &seed.private_file.display().to_string(),
+            &self.server_key.private_file.display().to_string(),
             "--shoot-pod-networks",
             POD_NETWORKS,
             "--shoot-service-networks",
@@ -376,6 +628,8 @@ impl Lab {
             NODE_NETWORKS,
             "--vpn-network",
             VPN_NETWORK,
+            "--server-index",
+            &i.to_string(),
             "--tun-name",
             "tun0",
             "--metrics-listen",
@@ -384,79 +638,92 @@ impl Lab {
             "2s",
             "--log-format",
             "text",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for peer in peers {
-            a.push("--peer".into());
-            a.push(peer.clone());
-        }
-        Ok(a)
+        ]);
+        self.liveness_args(&mut a);
+        a
     }
 
-    /// Starts the seed server allowing the shoot client's key, and waits for `/healthz`,
-    /// the TLS listener and the UDS.
-    pub fn start_seed_server(&mut self) -> Result<Duration> {
-        let (_, client) = self.keys()?;
-        let args = self.seed_server_args(&[client.public])?;
-        self.start_seed_server_with(&args)
+    /// Starts seed server `i` with [`Lab::server_args`] and waits for it.
+    pub fn start_server(&mut self, i: usize) -> Result<Duration> {
+        let args = self.server_args(i);
+        self.start_server_with(i, &args)
     }
 
-    /// Starts the seed server with explicit arguments and waits for it.
-    pub fn start_seed_server_with(&mut self, args: &[String]) -> Result<Duration> {
-        let bin = try_bin("vpn-seed-server")?;
-        let ns_name = self.seed.name().to_owned();
-        self.spawn_in("seed-server", &ns_name, &bin, args)?;
+    /// Starts seed server `i` with explicit arguments and waits for its `/healthz`, its
+    /// tunnel and TLS listeners and its UDS.
+    pub fn start_server_with(&mut self, i: usize, args: &[String]) -> Result<Duration> {
+        let seed = self.seeds.get(i).context("no such seed")?;
+        let ns_name = seed.name().to_owned();
+        let name = self.server_name(i);
+        self.spawn_in(&name, &ns_name, &try_bin("vpn-seed-server")?, args)?;
         let health = format!("http://{SEED_METRICS}/healthz");
+        let tunnel: SocketAddr = seed_tunnel(i).parse()?;
         let proxy: SocketAddr = PROXY_TCP.parse()?;
-        let uds = self.uds_path();
+        let uds = self.uds(i);
         self.wait_proc(
-            "seed-server",
+            &name,
             START_TIMEOUT,
-            "the seed server to be healthy",
+            &format!("{name} to be healthy"),
             |l| {
-                http_status(&l.seed, &health) == Some(200)
-                    && is_listening(&l.seed, proxy)
+                let seed = &l.seeds[i];
+                http_status(seed, &health) == Some(200)
+                    && is_listening(seed, tunnel)
+                    && is_listening(seed, proxy)
                     && uds.exists()
             },
         )
     }
 
-    /// The shoot client's arguments for `key` (private key file) against this lab's seed.
-    pub fn client_args(&mut self, private_key_file: &Path) -> Result<Vec<String>> {
-        let (seed, _) = self.keys()?;
-        Ok([
+    /// A shoot client's arguments with the private key `private_key_file`: one tunnel to
+    /// every seed server through the ingress.
+    pub fn client_args_for(&self, private_key_file: &Path) -> Vec<String> {
+        let mut a = strings(&[
             "--endpoint",
             INGRESS,
             "--connect-target",
             "vpn-seed-server:1194",
             "--header-name",
             "Reversed-VPN",
-            "--header-value",
-            ROUTE_VALUE,
+        ]);
+        for i in 0..self.opts.seeds {
+            a.push("--header-value".into());
+            a.push(self.route_value(i));
+        }
+        a.extend(strings(&[
             "--private-key-file",
             &private_key_file.display().to_string(),
             "--server-public-key",
-            &seed.public,
+            &self.server_key.public,
             "--vpn-network",
             VPN_NETWORK,
             "--tun-name",
             "tun0",
             "--metrics-listen",
             CLIENT_METRICS,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
+            "--dial-timeout",
+            "2s",
+            "--ready-when",
+            "all",
+        ]));
+        self.liveness_args(&mut a);
+        a
     }
 
-    /// Starts the shoot client in `shoot` and waits for its `/healthz`.
-    pub fn start_shoot_client(&mut self) -> Result<Duration> {
-        let (_, client) = self.keys()?;
-        let args = self.client_args(&client.private_file)?;
-        let ns_name = self.shoot.name().to_owned();
-        self.start_client_in("shoot-client", &ns_name, &args)
+    /// Client `i`'s arguments (its own key).
+    pub fn client_args(&self, i: usize) -> Vec<String> {
+        self.client_args_for(&self.client_keys[i % self.client_keys.len()].private_file)
+    }
+
+    /// Starts client `i` in its shoot namespace and waits for its `/healthz`.
+    pub fn start_client(&mut self, i: usize) -> Result<Duration> {
+        let args = self.client_args(i);
+        let ns_name = self
+            .shoots
+            .get(i)
+            .context("no such shoot")?
+            .name()
+            .to_owned();
+        self.start_client_in(&self.client_name(i), &ns_name, &args)
     }
 
     /// Starts a shoot client named `name` in namespace `ns_name` and waits for its `/healthz`.
@@ -476,73 +743,147 @@ impl Lab {
         })
     }
 
-    /// Waits until the shoot client's and the seed server's `/readyz` answer 200.
-    pub fn wait_tunnel(&mut self, timeout: Duration) -> Result<Duration> {
-        let client = format!("http://{CLIENT_METRICS}/readyz");
-        let server = format!("http://{SEED_METRICS}/readyz");
-        self.wait_proc(
-            "shoot-client",
+    /// Seed server `i`'s `vpn_seed_tunnels_up`, `None` if it does not answer.
+    pub fn tunnels_up(&self, i: usize) -> Option<u64> {
+        let text = http_text(
+            self.seeds.get(i)?,
+            &format!("http://{SEED_METRICS}/metrics"),
+        )?;
+        metric(&text, "vpn_seed_tunnels_up").map(|v| v as u64)
+    }
+
+    /// Client `client`'s `vpn_shoot_tunnel_up` for seed server `server`.
+    pub fn client_tunnel_up(&self, client: usize, server: usize) -> Option<bool> {
+        let url = format!("http://{CLIENT_METRICS}/metrics");
+        let text = http_text(self.shoots.get(client)?, &url)?;
+        let name = format!(
+            "vpn_shoot_tunnel_up{{server=\"{}\"}}",
+            self.route_value(server)
+        );
+        metric(&text, &name).map(|v| v == 1.0)
+    }
+
+    /// Whether client `i`'s `/readyz` answers 200 (every tunnel of it up).
+    pub fn client_ready(&self, i: usize) -> bool {
+        self.shoots.get(i).is_some_and(|n| {
+            http_status(n, &format!("http://{CLIENT_METRICS}/readyz")) == Some(200)
+        })
+    }
+
+    /// Whether seed server `i`'s `/readyz` answers 200.
+    pub fn server_ready(&self, i: usize) -> bool {
+        self.seeds
+            .get(i)
+            .is_some_and(|n| http_status(n, &format!("http://{SEED_METRICS}/readyz")) == Some(200))
+    }
+
+    /// Every tunnel up: every client ready and every server counting at least one tunnel
+    /// per client (and ready).
+    pub fn all_up(&self) -> bool {
+        let n = self.opts.clients as u64;
+        (0..self.opts.clients).all(|i| self.client_ready(i))
+            && (0..self.opts.seeds)
+                .all(|i| self.server_ready(i) && self.tunnels_up(i).is_some_and(|t| t >= n))
+    }
+
+    /// Waits for [`Lab::all_up`].
+    pub fn wait_all_up(&mut self, timeout: Duration) -> Result<Duration> {
+        let what = format!(
+            "all {} tunnels to be up",
+            self.opts.seeds * self.opts.clients
+        );
+        self.wait_for(timeout, &what, |l| l.all_up())
+    }
+
+    /// Waits until every server reports `n` tunnels up.
+    pub fn wait_tunnels(&mut self, n: u64, timeout: Duration) -> Result<Duration> {
+        let seeds = self.opts.seeds;
+        self.wait_for(
             timeout,
-            "the tunnel to come up (both /readyz 200)",
-            |l| {
-                http_status(&l.shoot, &client) == Some(200)
-                    && http_status(&l.seed, &server) == Some(200)
-            },
+            &format!("every server to count {n} tunnels"),
+            |l| (0..seeds).all(|i| l.tunnels_up(i) == Some(n)),
         )
     }
 
-    /// Starts everything (pod server, ingress, seed server, shoot client; the seed-local
-    /// server with that option) and waits for the tunnel.
-    pub fn up(opts: LabOptions) -> Result<Self> {
-        let mut lab = Self::new(opts)?;
-        lab.start_pod_server()?;
-        if opts.seed_local {
-            lab.start_local_server()?;
+    /// kube-apiserver's CONNECT to `target` over server `server`'s UDS, then `GET path`
+    /// (Connection: close); returns the status and the body.
+    pub fn connect_get(&self, server: usize, target: &str, path: &str) -> Result<(u16, String)> {
+        let (reply, mut s) = connect_uds(&self.uds(server), target, IO_TIMEOUT)?;
+        if reply.status != 200 {
+            bail!(
+                "CONNECT {target} via server {server}: {}",
+                reply.head.trim()
+            );
         }
-        lab.start_ingress()?;
-        lab.start_seed_server()?;
-        lab.start_shoot_client()?;
-        lab.wait_tunnel(START_TIMEOUT)?;
-        Ok(lab)
+        let (code, body) = http_get(&mut s, target, path)?;
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
     }
 
-    /// Starts everything like [`Lab::up`], plus a DNS responder in the pod (`dnsserver` on
-    /// `POD_V4:53` answering `records`, each `name=ip`) that the seed server uses as the
-    /// shoot's DNS server (`--dns-timeout 1s`).
-    pub fn up_with_dns(opts: LabOptions, records: &[String]) -> Result<Self> {
-        let mut lab = Self::new(opts)?;
-        lab.start_pod_server()?;
-        let mut args = vec!["--listen".to_string(), format!("{POD_V4}:53")];
-        for r in records {
-            args.extend(["--record".to_string(), r.clone()]);
+    /// A new connection to the pod through server `server`: which client carried it.
+    pub fn whoami(&self, server: usize) -> Result<usize> {
+        let (code, body) = self.connect_get(server, POD_TARGET, "/whoami")?;
+        if code != 200 {
+            bail!("GET /whoami via server {server} answered {code}");
         }
-        let pod_ns = lab.pod.name().to_owned();
-        lab.spawn_in("dnsserver", &pod_ns, &try_bin("dnsserver")?, &args)?;
-        lab.wait_proc("dnsserver", START_TIMEOUT, "the DNS responder", |l| {
-            l.proc("dnsserver")
-                .is_some_and(|p| p.log().contains("listening"))
-        })?;
-        lab.start_ingress()?;
-        let (_, client) = lab.keys()?;
-        let mut args = lab.seed_server_args(&[client.public])?;
-        args.extend(["--shoot-dns-server", POD_V4, "--dns-timeout", "1s"].map(String::from));
-        lab.start_seed_server_with(&args)?;
-        lab.start_shoot_client()?;
-        lab.wait_tunnel(START_TIMEOUT)?;
-        Ok(lab)
+        client_of(body.trim()).with_context(|| format!("unknown client address {body:?}"))
+    }
+
+    /// Opens a connection to the pod through server `server` and keeps it open.
+    pub fn hold(&self, server: usize) -> Result<Held> {
+        let (reply, mut stream) = connect_uds(&self.uds(server), POD_TARGET, IO_TIMEOUT)?;
+        if reply.status != 200 {
+            bail!("CONNECT via server {server}: {}", reply.head.trim());
+        }
+        let ip = ask_whoami(&mut stream)?;
+        let client = client_of(&ip).with_context(|| format!("unknown client address {ip}"))?;
+        Ok(Held {
+            stream,
+            server,
+            client,
+        })
+    }
+
+    /// Drops client `i`'s TCP to and from the ingress silently (no FIN, no RST) with an
+    /// nftables table of its own in the shoot namespace.
+    pub fn blackhole(&self, i: usize) -> Result<()> {
+        let (host, port) = INGRESS.rsplit_once(':').context("ingress address")?;
+        let t = BLACKHOLE_TABLE;
+        let ns = self.shoots.get(i).context("no such shoot")?;
+        for cmd in [
+            format!("add table inet {t}"),
+            format!("add chain inet {t} bh_out {{ type filter hook output priority -10; policy accept; }}"),
+            format!("add chain inet {t} bh_in {{ type filter hook input priority -10; policy accept; }}"),
+            format!("add rule inet {t} bh_out ip daddr {host} tcp dport {port} drop"),
+            format!("add rule inet {t} bh_in ip saddr {host} tcp sport {port} drop"),
+        ] {
+            ns.run("nft", &[&cmd])?;
+        }
+        Ok(())
+    }
+
+    /// Removes [`Lab::blackhole`]'s table.
+    pub fn unblackhole(&self, i: usize) -> Result<()> {
+        self.shoots
+            .get(i)
+            .context("no such shoot")?
+            .run("nft", &[&format!("delete table inet {BLACKHOLE_TABLE}")])
+            .map(drop)
     }
 
     /// The namespace of this lab called `name` (full name).
     pub fn ns_by_name(&self, name: &str) -> Option<&Netns> {
-        [&self.seed, &self.gw, &self.shoot, &self.pod]
-            .into_iter()
+        self.seeds
+            .iter()
+            .chain(self.shoots.iter())
+            .chain([&self.gw, &self.pod])
             .chain(self.local.iter())
             .chain(self.shoot2.iter())
             .find(|n| n.name() == name)
     }
 
     /// Starts `bin args…` as process `name` in this lab's namespace `ns_name` (full name),
-    /// logging to `<dir>/<name>.log`; replaces an earlier process of that name in the list.
+    /// logging to `<dir>/<name>.log` (appending: a restart continues the log); replaces an
+    /// earlier process of that name in the list.
     pub fn spawn_in(
         &mut self,
         name: &str,
@@ -558,11 +899,11 @@ impl Lab {
         Ok(())
     }
 
-    /// curl in the seed namespace as kube-apiserver: through the mTLS proxy (`--proxytunnel`)
-    /// to `url`, with `extra` curl arguments. Returns curl's output (not checked).
+    /// curl in seed 0 as kube-apiserver: through the mTLS proxy (`--proxytunnel`) to `url`,
+    /// with `extra` curl arguments. Returns curl's output (not checked).
     pub fn curl_proxy(&self, extra: &[&str], url: &str) -> Result<Output> {
         let p = &self.pki;
-        let mut cmd = self.seed.exec("curl");
+        let mut cmd = self.seeds[0].exec("curl");
         cmd.args([
             "-sS",
             "--proxytunnel",
@@ -589,13 +930,14 @@ impl Lab {
     /// Leaves namespaces, processes and files in place (lab `--keep`); returns the directory.
     pub fn keep(mut self) -> PathBuf {
         self.procs.detach_all();
-        for n in [&mut self.seed, &mut self.gw, &mut self.shoot, &mut self.pod] {
-            n.keep();
-        }
-        if let Some(n) = self.local.as_mut() {
-            n.keep();
-        }
-        if let Some(n) = self.shoot2.as_mut() {
+        for n in self
+            .seeds
+            .iter_mut()
+            .chain(self.shoots.iter_mut())
+            .chain([&mut self.gw, &mut self.pod])
+            .chain(self.local.iter_mut())
+            .chain(self.shoot2.iter_mut())
+        {
             n.keep();
         }
         self.dir.keep();

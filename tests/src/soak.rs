@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::client::{connect_uds, http_get};
-use crate::halab::ask_whoami;
 use crate::lab::{hex, Lab, LabOptions, BIG_SIZE, POD_INDEX, POD_PORT, POD_V4, PROXY_TCP};
+use crate::load::ask_whoami;
 
 /// Process name of the seed server in [`Lab`].
 pub const SEED_SERVER: &str = "seed-server";
@@ -1044,7 +1044,7 @@ fn kill_and_restart(lab: &mut Lab, t0: Instant, pause: Duration) -> KillEvent {
         return ev;
     }
     ev.restarted = Some(t0.elapsed());
-    match lab.wait_tunnel(RECONNECT_TIMEOUT) {
+    match lab.wait_all_up(RECONNECT_TIMEOUT) {
         Ok(_) => ev.back = Some(t0.elapsed()),
         Err(e) => ev.error = Some(format!("{e:#}")),
     }
@@ -1068,11 +1068,11 @@ pub fn run(opts: &SoakOptions) -> Result<SoakReport> {
 /// Runs the soak on a lab that is up and has `big.bin`.
 pub fn run_on(lab: &mut Lab, opts: &SoakOptions) -> Result<SoakReport> {
     let (_, sha256) = lab.big.clone().context("the lab has no big.bin")?;
-    let uds = lab.uds_path();
+    let uds = lab.uds(0);
     let seed_pid = pid_of(lab, SEED_SERVER)?;
     let client_pid = pid_of(lab, SHOOT_CLIENT)?;
     let bulk = Bulk {
-        seed_ns: lab.seed.name().to_owned(),
+        seed_ns: lab.seeds[0].name().to_owned(),
         ca: lab.pki.ca.clone(),
         cert: lab.pki.client_cert.clone(),
         key: lab.pki.client_key.clone(),

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use tests::client::{connect_uds, expect_silence, http_get, ConnectReply};
 use tests::lab::{
-    sha256_file, Lab, LabOptions, CLIENT_METRICS, LOCAL_INDEX, POD_INDEX, PROXY_TCP, START_TIMEOUT,
+    sha256_file, Lab, LabOptions, CLIENT_METRICS, LOCAL_INDEX, POD_INDEX, POD_TARGET, PROXY_TCP,
+    START_TIMEOUT,
 };
 use tests::pki::Pki;
 use tests::wait::{http_status, wait_until};
 use tests::{e2e_guard, Proc};
 
 const POD_URL: &str = "http://100.96.1.10:8080/index.html";
-const POD_TARGET: &str = "100.96.1.10:8080";
 const IO: Duration = Duration::from_secs(10);
 
 fn lab(opts: LabOptions) -> Option<Lab> {
@@ -42,7 +42,7 @@ fn assert_curl_ok(out: &Output, what: &str) -> String {
 
 /// kube-apiserver's CONNECT over the UDS, then a GET of `/index.html` over the stream.
 fn uds_get(lab: &Lab, target: &str) -> (ConnectReply, u16, String) {
-    let (reply, mut s) = connect_uds(&lab.uds_path(), target, IO).expect("CONNECT over the UDS");
+    let (reply, mut s) = connect_uds(&lab.uds(0), target, IO).expect("CONNECT over the UDS");
     assert_eq!(reply.status, 200, "CONNECT {target}: {}", reply.head);
     expect_silence(&mut s, Duration::from_millis(300), IO).expect("nothing after the 200 head");
     let (code, body) = http_get(&mut s, target, "/index.html").expect("GET through the tunnel");
@@ -113,8 +113,8 @@ fn c_proxy_answers_403_503_502_504_in_time() {
     let mut lab = Lab::new(LabOptions::default()).expect("build topology");
     lab.start_pod_server().unwrap();
     lab.start_ingress().unwrap();
-    lab.start_seed_server().unwrap();
-    let uds = lab.uds_path();
+    lab.start_server(0).unwrap();
+    let uds = lab.uds(0);
 
     // No tunnel yet: 503 at once.
     let (r, _) = connect_uds(&uds, POD_TARGET, IO).unwrap();
@@ -125,8 +125,8 @@ fn c_proxy_answers_403_503_502_504_in_time() {
         r.elapsed
     );
 
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
+    lab.start_client(0).unwrap();
+    lab.wait_all_up(START_TIMEOUT).unwrap();
 
     // Outside the shoot networks (the seed's own address): 403, over UDS and over mTLS.
     let (r, _) = connect_uds(&uds, "192.168.77.1:1194", IO).unwrap();
@@ -153,13 +153,13 @@ fn c_proxy_answers_403_503_502_504_in_time() {
     );
 
     // Black-holed address: 504 after the dial timeout (2 s).
-    lab.shoot
+    lab.shoots[0]
         .run("nft", &["add table inet e2e_blackhole"])
         .unwrap();
-    lab.shoot
+    lab.shoots[0]
         .run("nft", &["add chain inet e2e_blackhole drop_pod99 { type filter hook forward priority -10; policy accept; }"])
         .unwrap();
-    lab.shoot
+    lab.shoots[0]
         .run(
             "nft",
             &["add rule inet e2e_blackhole drop_pod99 ip daddr 100.96.1.99 drop"],
@@ -189,8 +189,7 @@ fn d_tls_listener_requires_a_trusted_client_certificate() {
     let Some(lab) = lab(LabOptions::default()) else {
         return;
     };
-    let no_cert = lab
-        .seed
+    let no_cert = lab.seeds[0]
         .exec("curl")
         .args(["-sS", "-m", "5", "-w", "%{http_connect}", "--proxytunnel"])
         .args(["--proxy", &format!("https://{PROXY_TCP}"), "--proxy-cacert"])
@@ -212,8 +211,7 @@ fn d_tls_listener_requires_a_trusted_client_certificate() {
     let other_dir = lab.dir().join("other-ca");
     std::fs::create_dir(&other_dir).unwrap();
     let other = Pki::generate(&other_dir).unwrap();
-    let foreign = lab
-        .seed
+    let foreign = lab.seeds[0]
         .exec("curl")
         .args(["-sS", "-m", "5", "-w", "%{http_connect}", "--proxytunnel"])
         .args(["--proxy", &format!("https://{PROXY_TCP}"), "--proxy-cacert"])
@@ -272,7 +270,7 @@ fn e_ingress_restart_during_a_download_is_survived() {
     .collect();
     let mut curl = Proc::spawn(
         "download",
-        &lab.seed,
+        &lab.seeds[0],
         Path::new("curl"),
         &args,
         &[],
@@ -290,7 +288,7 @@ fn e_ingress_restart_during_a_download_is_survived() {
     let at_kill = size(&dl);
     let restarted = Instant::now();
     lab.start_ingress().unwrap();
-    let uds = lab.uds_path();
+    let uds = lab.uds(0);
     let mut last = String::new();
     let res = wait_until(
         Duration::from_secs(10),
@@ -352,8 +350,7 @@ fn g_shoot_network_overlapping_a_seed_network() {
     }) else {
         return;
     };
-    let direct = lab
-        .seed
+    let direct = lab.seeds[0]
         .exec("curl")
         .args(["-sS", "-m", "5", POD_URL])
         .output()
@@ -378,7 +375,7 @@ fn h_unknown_client_key_is_refused_and_peers_are_unaffected() {
         return;
     };
     let rogue = lab.gen_key("rogue").unwrap();
-    let args = lab.client_args(&rogue.private_file).unwrap();
+    let args = lab.client_args_for(&rogue.private_file);
     let shoot2 = lab.shoot2.as_ref().unwrap().name().to_owned();
     lab.start_client_in("rogue-client", &shoot2, &args).unwrap();
 
@@ -407,7 +404,7 @@ fn h_unknown_client_key_is_refused_and_peers_are_unaffected() {
     );
 
     assert_eq!(
-        http_status(&lab.shoot, &readyz),
+        http_status(&lab.shoots[0], &readyz),
         Some(200),
         "good client lost its tunnel"
     );

@@ -26,7 +26,7 @@ fn dns_lab() -> Lab {
 
 /// CONNECT `target` over the UDS; on 200 a GET of `/index.html` follows.
 fn get(lab: &Lab, target: &str) -> (ConnectReply, u16, String) {
-    let (reply, mut s) = connect_uds(&lab.uds_path(), target, IO).expect("CONNECT over the UDS");
+    let (reply, mut s) = connect_uds(&lab.uds(0), target, IO).expect("CONNECT over the UDS");
     assert_eq!(reply.status, 200, "CONNECT {target}: {}", reply.head);
     expect_silence(&mut s, Duration::from_millis(200), IO).expect("nothing after the 200 head");
     let (code, body) = http_get(&mut s, target, "/index.html").expect("GET through the tunnel");
@@ -36,7 +36,7 @@ fn get(lab: &Lab, target: &str) -> (ConnectReply, u16, String) {
 /// CONNECT `target` expecting a refusal: the reply and its one-line body.
 fn refused(lab: &Lab, target: &str) -> (ConnectReply, String) {
     let (reply, mut s): (ConnectReply, UnixStream) =
-        connect_uds(&lab.uds_path(), target, IO).expect("CONNECT over the UDS");
+        connect_uds(&lab.uds(0), target, IO).expect("CONNECT over the UDS");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("refusal body");
     (reply, body)
@@ -76,16 +76,16 @@ fn hostname_targets_resolve_through_the_shoot_dns() {
     assert!(body.contains("192.168.77.1"), "body: {body:?}");
 
     // Queries to the DNS server are dropped: 504 after the DNS timeout (1 s).
-    lab.shoot
+    lab.shoots[0]
         .run("nft", &["add table inet e2e_dnsdrop"])
         .unwrap();
-    lab.shoot
+    lab.shoots[0]
         .run(
             "nft",
             &["add chain inet e2e_dnsdrop drop_dns { type filter hook forward priority -10; policy accept; }"],
         )
         .unwrap();
-    lab.shoot
+    lab.shoots[0]
         .run(
             "nft",
             &["add rule inet e2e_dnsdrop drop_dns ip daddr 100.96.1.10 udp dport 53 drop"],

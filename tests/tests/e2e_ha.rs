@@ -1,5 +1,5 @@
 //! High-availability end-to-end tests: two shoot clients and two seed servers behind one
-//! ingress (see `tests::halab`). Client failure, restart, server failure, rolling restarts and
+//! ingress (see `tests::lab`). Client failure, restart, server failure, rolling restarts and
 //! a silently black-holed client, each under a steady load of new connections. The tests run
 //! one at a time (they measure failover windows on a small machine); all need root (or
 //! `VPN_E2E=skip`) and `cargo build --release --workspace --bins` first (run them with `--release`).
@@ -9,11 +9,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tests::e2e_guard;
-use tests::halab::{
-    client_name, server_name, windows, Attempt, HaLab, HaOptions, Held, Load, POD_TARGET,
-    POD_TARGET_V6,
-};
-use tests::lab::{POD_INDEX, START_TIMEOUT};
+use tests::lab::{Lab, LabOptions, POD_INDEX, POD_TARGET, POD_TARGET_V6, START_TIMEOUT};
+use tests::load::{windows, Attempt, Held, Load};
 
 /// Pace of the load of new connections.
 const PACE: Duration = Duration::from_millis(50);
@@ -29,11 +26,11 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn ha(opts: HaOptions) -> Option<HaLab> {
+fn ha(opts: LabOptions) -> Option<Lab> {
     if !e2e_guard() {
         return None;
     }
-    Some(HaLab::up(opts).expect("bring the HA lab up"))
+    Some(Lab::up(opts).expect("bring the HA lab up"))
 }
 
 fn by_client(attempts: &[&Attempt]) -> [usize; 2] {
@@ -63,9 +60,9 @@ fn describe(attempts: &[Attempt], t0: Instant) -> String {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
     let _serial = serial();
-    let Some(lab) = ha(HaOptions {
+    let Some(lab) = ha(LabOptions {
         peers_dir: true,
-        ..Default::default()
+        ..LabOptions::ha()
     }) else {
         return;
     };
@@ -94,7 +91,7 @@ fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_b_kill9_client_a_under_load() {
     let _serial = serial();
-    let Some(mut lab) = ha(HaOptions::default()) else {
+    let Some(mut lab) = ha(LabOptions::ha()) else {
         return;
     };
     let mut held: Vec<Held> = (0..20).map(|_| lab.hold(0).unwrap()).collect();
@@ -106,7 +103,7 @@ fn ha_b_kill9_client_a_under_load() {
     load.wait_finished_since(Instant::now(), 20, Duration::from_secs(10))
         .unwrap();
     let kill = Instant::now();
-    lab.kill9(&client_name(A)).unwrap();
+    lab.kill9(&lab.client_name(A)).unwrap();
     load.wait_finished_since(kill + WINDOW, 40, Duration::from_secs(15))
         .unwrap();
     let attempts = load.finish().unwrap();
@@ -177,10 +174,10 @@ fn ha_b_kill9_client_a_under_load() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
     let _serial = serial();
-    let Some(mut lab) = ha(HaOptions::default()) else {
+    let Some(mut lab) = ha(LabOptions::ha()) else {
         return;
     };
-    lab.kill9(&client_name(A)).unwrap();
+    lab.kill9(&lab.client_name(A)).unwrap();
     let gone = lab.wait_tunnels(1, Duration::from_secs(10)).unwrap();
     eprintln!("servers counted 1 tunnel {gone:?} after killing A");
 
@@ -212,14 +209,14 @@ fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_d_kill9_server_1_and_restart_it() {
     let _serial = serial();
-    let Some(mut lab) = ha(HaOptions::default()) else {
+    let Some(mut lab) = ha(LabOptions::ha()) else {
         return;
     };
     let load = Load::start(vec![lab.uds(0)], PACE);
     load.wait_finished_since(Instant::now(), 10, Duration::from_secs(10))
         .unwrap();
     let kill = Instant::now();
-    lab.kill9(&server_name(1)).unwrap();
+    lab.kill9(&lab.server_name(1)).unwrap();
     let noticed = lab
         .wait_for(
             Duration::from_secs(10),
@@ -265,7 +262,7 @@ fn ha_d_kill9_server_1_and_restart_it() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_e_rolling_restart_of_both_clients_under_load() {
     let _serial = serial();
-    let Some(mut lab) = ha(HaOptions::default()) else {
+    let Some(mut lab) = ha(LabOptions::ha()) else {
         return;
     };
     let load = Load::start(vec![lab.uds(0), lab.uds(1)], PACE);
@@ -275,7 +272,7 @@ fn ha_e_rolling_restart_of_both_clients_under_load() {
     for c in [A, B] {
         let t = Instant::now();
         events.push(t);
-        lab.stop(&client_name(c)).unwrap();
+        lab.stop(&lab.client_name(c)).unwrap();
         let stopped = t.elapsed();
         lab.start_client(c).unwrap();
         lab.wait_all_up(START_TIMEOUT).unwrap();
@@ -305,10 +302,10 @@ fn ha_e_rolling_restart_of_both_clients_under_load() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_f_blackholed_client_is_dropped_and_rejoins() {
     let _serial = serial();
-    let Some(mut lab) = ha(HaOptions {
-        keepalive: Some("1s".into()),
-        dead_peer_timeout: Some("3s".into()),
-        peers_dir: false,
+    let Some(mut lab) = ha(LabOptions {
+        keepalive: Some("1s"),
+        dead_peer_timeout: Some("3s"),
+        ..LabOptions::ha()
     }) else {
         return;
     };

@@ -20,18 +20,17 @@ use std::time::{Duration, Instant};
 
 use tests::client::{connect_uds, http_get, read_head, status_of};
 use tests::e2e_guard;
-use tests::halab::{http_text, metric};
 use tests::hostile::{
     client_hello, cpu_time, icmp4_unreachable, initiations, random_bytes, rss_kib, send_and_watch,
     send_raw4, status_after, tcp4, tls_client_config, tls_connect, udp4, Flood, PREAMBLE_V1,
 };
 use tests::lab::{
-    sha256_file, Lab, LabOptions, CLIENT_METRICS, POD_INDEX, PROXY_TCP, SEED_METRICS, SEED_TUNNEL,
-    START_TIMEOUT,
+    sha256_file, Lab, LabOptions, CLIENT_METRICS, POD_INDEX, POD_TARGET, PROXY_TCP, SEED_METRICS,
+    SEED_TUNNEL, START_TIMEOUT,
 };
+use tests::prom::{http_text, metric};
 use tests::wait::{http_status, wait_until};
 
-const POD_TARGET: &str = "100.96.1.10:8080";
 const IO: Duration = Duration::from_secs(10);
 /// A fresh CONNECT after every case must succeed within this.
 const FRESH: Duration = Duration::from_secs(2);
@@ -82,11 +81,9 @@ fn hostile_lab() -> Option<Lab> {
     }
     lab.start_pod_server().unwrap();
     lab.start_ingress().unwrap();
-    let (_, client) = lab.keys().unwrap();
+    let (_, client) = lab.keys();
     let spare = lab.gen_key("spare").unwrap();
-    let mut args = lab
-        .seed_server_args(&[client.public, spare.public])
-        .unwrap();
+    let mut args = lab.server_args_with(0, &[client.public, spare.public]);
     for a in [
         "--request-head-timeout",
         &format!("{HEAD_TIMEOUT_S}s"),
@@ -95,9 +92,9 @@ fn hostile_lab() -> Option<Lab> {
     ] {
         args.push(a.to_string());
     }
-    lab.start_seed_server_with(&args).unwrap();
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
+    lab.start_server_with(0, &args).unwrap();
+    lab.start_client(0).unwrap();
+    lab.wait_all_up(START_TIMEOUT).unwrap();
     Some(lab)
 }
 
@@ -106,7 +103,7 @@ fn pid(lab: &Lab, name: &str) -> u32 {
 }
 
 fn seed_metrics(lab: &Lab) -> String {
-    http_text(&lab.seed, &format!("http://{SEED_METRICS}/metrics")).unwrap_or_default()
+    http_text(&lab.seeds[0], &format!("http://{SEED_METRICS}/metrics")).unwrap_or_default()
 }
 
 fn seed_metric(lab: &Lab, name: &str) -> f64 {
@@ -129,7 +126,7 @@ fn drops(lab: &Lab, reason: &str) -> f64 {
 
 /// CONNECT + GET of the pod's index over the UDS.
 fn uds_get(lab: &Lab) -> anyhow::Result<()> {
-    let (reply, mut s) = connect_uds(&lab.uds_path(), POD_TARGET, IO)?;
+    let (reply, mut s) = connect_uds(&lab.uds(0), POD_TARGET, IO)?;
     anyhow::ensure!(reply.status == 200, "CONNECT: {}", reply.head);
     let (code, body) = http_get(&mut s, POD_TARGET, "/index.html")?;
     anyhow::ensure!(code == 200 && body == POD_INDEX.as_bytes(), "GET: {code}");
@@ -183,7 +180,7 @@ impl Bulk {
         let args: Vec<String> = vec![
             "netns".into(),
             "exec".into(),
-            lab.seed.name().into(),
+            lab.seeds[0].name().into(),
             "curl".into(),
             "-sS".into(),
             "--proxytunnel".into(),
@@ -279,7 +276,7 @@ fn case(lab: &mut Lab, bulk: &Bulk, name: &str, reconnects: bool, f: impl FnOnce
             "{name}: the established tunnel was replaced"
         );
         assert_eq!(
-            http_status(&lab.shoot, &format!("http://{CLIENT_METRICS}/readyz")),
+            http_status(&lab.shoots[0], &format!("http://{CLIENT_METRICS}/readyz")),
             Some(200),
             "{name}: the client lost its tunnel"
         );
@@ -337,7 +334,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
     let Some(mut lab) = hostile_lab() else {
         return;
     };
-    let (seed, client) = lab.keys().unwrap();
+    let (seed, client) = lab.keys();
     let addr = tunnel_addr();
     let server = pid(&lab, "seed-server");
     let client_pid = pid(&lab, "shoot-client");
@@ -542,7 +539,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
             // The client's stream breaks; it redials into the flood.
             l.kill_ingress().unwrap();
             l.start_ingress().unwrap();
-            reconnect = l.wait_tunnel(Duration::from_secs(5)).unwrap();
+            reconnect = l.wait_all_up(Duration::from_secs(5)).unwrap();
             drop((flood, second));
         });
     });
@@ -607,7 +604,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
         true,
         |l| {
             let spare = l.dir().join("spare.key");
-            let args = l.client_args(&spare).unwrap();
+            let args = l.client_args_for(&spare);
             let shoot2 = l.shoot2.as_ref().unwrap().name().to_owned();
             let started = Instant::now();
             l.start_client_in("spare-client", &shoot2, &args).unwrap();
@@ -647,7 +644,7 @@ fn tunnel_port_refuses_strangers_and_shrugs_off_floods() {
 
 /// Sends `request` over a new UDS connection and returns the answer's status (0: none).
 fn uds_status(lab: &Lab, request: &[u8]) -> u16 {
-    let mut s = UnixStream::connect(lab.uds_path()).unwrap();
+    let mut s = UnixStream::connect(lab.uds(0)).unwrap();
     s.set_read_timeout(Some(IO)).unwrap();
     status_after(&mut s, request)
 }
@@ -663,11 +660,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
     let server = pid(&lab, "seed-server");
     uds_get(&lab).unwrap();
     let idle = rss_kib(server).unwrap();
-    let mode = std::fs::metadata(lab.uds_path())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(lab.uds(0)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "proxy socket mode {mode:o}");
     let tls = tls_client_config(&lab.pki).unwrap();
     let proxy: SocketAddr = PROXY_TCP.parse().unwrap();
@@ -682,8 +675,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
         }
         big.extend_from_slice(b"\r\n");
         assert_eq!(uds_status(l, &big), 400, "64 KiB head over the UDS");
-        let code = l
-            .seed
+        let code = l.seeds[0]
             .in_ns(|| {
                 let mut s = tls_connect(proxy, &tls).unwrap();
                 status_after(&mut s, &big)
@@ -774,7 +766,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
             );
         }
         // The upstream sees the target's authority as Host, never the client's.
-        let mut s = UnixStream::connect(l.uds_path()).unwrap();
+        let mut s = UnixStream::connect(l.uds(0)).unwrap();
         s.set_read_timeout(Some(IO)).unwrap();
         s.write_all(b"GET http://100.96.1.10:8080/host HTTP/1.1\r\nHost: evil.example\r\n\r\n")
             .unwrap();
@@ -791,7 +783,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
         let codes: Vec<u16> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..20)
                 .map(|_| {
-                    let uds = l.uds_path();
+                    let uds = l.uds(0);
                     s.spawn(move || {
                         let mut c = UnixStream::connect(uds).unwrap();
                         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -826,8 +818,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
             "idle flood of the TLS listener",
             false,
             |l| {
-                let flood = l
-                    .seed
+                let flood = l.seeds[0]
                     .in_ns(|| Flood::open(proxy, 3000, |_| Vec::new()))
                     .unwrap();
                 eprintln!(
@@ -852,8 +843,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
     let tls_before = limit_hits(&lab, "proxy_tls_handshakes");
     case(&mut lab, &bulk, "TLS handshake flood", false, |l| {
         // ClientHellos that never continue: each holds a handshake slot until its deadline.
-        let flood = l
-            .seed
+        let flood = l.seeds[0]
             .in_ns(|| Flood::open(proxy, 600, |_| hello.clone()))
             .unwrap();
         eprintln!(
@@ -873,7 +863,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
         "idle flood of the Unix socket",
         false,
         |l| {
-            let uds = l.uds_path();
+            let uds = l.uds(0);
             let conns: Vec<UnixStream> = (0..2000)
                 .filter_map(|_| UnixStream::connect(&uds).ok())
                 .collect();
@@ -892,8 +882,7 @@ fn proxy_listeners_refuse_bad_requests_and_shrug_off_floods() {
 
 /// The seed-side port of the proxied connection to the pod that `keep` holds open.
 fn seed_port_of_pod_flow(lab: &Lab) -> u16 {
-    let out = lab
-        .seed
+    let out = lab.seeds[0]
         .run("ss", &["-Htn", "dst", "100.96.1.10:8080"])
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -913,12 +902,11 @@ fn packets_from_the_shoot_never_reach_the_seed() {
     };
     let bulk = Bulk::start(&lab);
     // The shoot routes seed addresses into the tunnel, as a hostile shoot admin could.
-    lab.shoot
+    lab.shoots[0]
         .ip(&["route", "add", "192.168.77.0/24", "dev", "tun0"])
         .unwrap();
     // A listener on every seed address that must never see a connection from the shoot.
-    let trap = lab
-        .seed
+    let trap = lab.seeds[0]
         .in_ns(|| {
             let l = TcpListener::bind("0.0.0.0:7777").unwrap();
             l.set_nonblocking(true).unwrap();
@@ -926,7 +914,7 @@ fn packets_from_the_shoot_never_reach_the_seed() {
         })
         .unwrap();
     // A proxied connection to the pod stays open: its flow is what hostile ICMP errors quote.
-    let (reply, keep) = connect_uds(&lab.uds_path(), POD_TARGET, IO).unwrap();
+    let (reply, keep) = connect_uds(&lab.uds(0), POD_TARGET, IO).unwrap();
     assert_eq!(reply.status, 200);
     let port = seed_port_of_pod_flow(&lab);
     let seed = [192, 168, 123, 1];
@@ -969,7 +957,7 @@ fn packets_from_the_shoot_never_reach_the_seed() {
                 ),
                 udp4(pod, [192, 168, 77, 1], 5353, 53, b"x"),
             ];
-            let n = l.shoot.in_ns(|| send_raw4(&packets).unwrap()).unwrap();
+            let n = l.shoots[0].in_ns(|| send_raw4(&packets).unwrap()).unwrap();
             assert_eq!(n, packets.len());
             wait_counted(
                 l,
@@ -994,7 +982,7 @@ fn packets_from_the_shoot_never_reach_the_seed() {
             // Spoofing the pod network's outside: a reply from an address the seed never asked.
             tcp4([10, 99, 0, 1], seed, 8080, port, 0x10),
         ];
-        let n = l.shoot.in_ns(|| send_raw4(&packets).unwrap()).unwrap();
+        let n = l.shoots[0].in_ns(|| send_raw4(&packets).unwrap()).unwrap();
         wait_counted(
             l,
             "source_not_allowed",
@@ -1014,7 +1002,7 @@ fn packets_from_the_shoot_never_reach_the_seed() {
             icmp4_unreachable(pod, [192, 168, 123, 2], 1, &quoted),
             icmp4_unreachable([100, 96, 1, 1], [192, 168, 77, 1], 4, &quoted),
         ];
-        let n = l.shoot.in_ns(|| send_raw4(&packets).unwrap()).unwrap();
+        let n = l.shoots[0].in_ns(|| send_raw4(&packets).unwrap()).unwrap();
         wait_counted(
             l,
             "wrong_destination",

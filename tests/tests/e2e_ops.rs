@@ -23,14 +23,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tests::client::{connect_uds, http_get, read_head, status_of};
 use tests::lab::{
-    Lab, LabOptions, CLIENT_METRICS, POD_INDEX, PROXY_TCP, ROUTE_VALUE, SEED_METRICS, START_TIMEOUT,
+    Lab, LabOptions, CLIENT_METRICS, POD_INDEX, POD_TARGET, PROXY_TCP, ROUTE_VALUE, SEED_METRICS,
+    START_TIMEOUT,
 };
 use tests::proc::signal;
 use tests::prom::{http, prom_query, promtool_check, samples, scrape, value};
 use tests::wait::wait_until;
 use tests::{e2e_guard, Netns};
 
-const POD_TARGET: &str = "100.96.1.10:8080";
 const IO: Duration = Duration::from_secs(10);
 
 fn lab(opts: LabOptions) -> Option<Lab> {
@@ -83,7 +83,7 @@ fn get_keepalive<S: Read + Write>(s: &mut S, path: &str) -> anyhow::Result<(u16,
 
 /// A CONNECT over the UDS to the pod with one keep-alive request answered on it.
 fn open_uds_connection(lab: &Lab) -> UnixStream {
-    let (reply, mut s) = connect_uds(&lab.uds_path(), POD_TARGET, IO).expect("CONNECT over UDS");
+    let (reply, mut s) = connect_uds(&lab.uds(0), POD_TARGET, IO).expect("CONNECT over UDS");
     assert_eq!(reply.status, 200, "CONNECT: {}", reply.head);
     let (code, _) = get_keepalive(&mut s, "/whoami").expect("GET /whoami");
     assert_eq!(code, 200);
@@ -118,8 +118,8 @@ fn wait_exit(lab: &mut Lab, name: &str, timeout: Duration) -> (ExitStatus, Insta
 }
 
 fn seed_rules(lab: &Lab) -> String {
-    let v4 = lab.seed.run("ip", &["rule", "show"]).unwrap();
-    let v6 = lab.seed.run("ip", &["-6", "rule", "show"]).unwrap();
+    let v4 = lab.seeds[0].run("ip", &["rule", "show"]).unwrap();
+    let v6 = lab.seeds[0].run("ip", &["-6", "rule", "show"]).unwrap();
     format!(
         "{}{}",
         String::from_utf8_lossy(&v4.stdout),
@@ -141,15 +141,18 @@ fn metrics_pass_promtool() {
     let lab = lab(LabOptions::default()).unwrap();
 
     // Traffic: one CONNECT + GET over the UDS, one CONNECT refused with 403.
-    let (reply, mut s) = connect_uds(&lab.uds_path(), POD_TARGET, IO).unwrap();
+    let (reply, mut s) = connect_uds(&lab.uds(0), POD_TARGET, IO).unwrap();
     assert_eq!(reply.status, 200, "{}", reply.head);
     let (code, body) = http_get(&mut s, POD_TARGET, "/index.html").unwrap();
     assert_eq!((code, body.as_slice()), (200, POD_INDEX.as_bytes()));
     drop(s);
-    let (reply, _) = connect_uds(&lab.uds_path(), "192.168.77.1:1194", IO).unwrap();
+    let (reply, _) = connect_uds(&lab.uds(0), "192.168.77.1:1194", IO).unwrap();
     assert_eq!(reply.status, 403, "{}", reply.head);
 
-    for (ns, addr) in [(&lab.seed, SEED_METRICS), (&lab.shoot, CLIENT_METRICS)] {
+    for (ns, addr) in [
+        (&lab.seeds[0], SEED_METRICS),
+        (&lab.shoots[0], CLIENT_METRICS),
+    ] {
         for path in ["healthz", "readyz"] {
             let (code, body) = http(ns, &format!("http://{addr}/{path}"));
             assert_eq!(code, 200, "{addr}/{path}: {body}");
@@ -159,22 +162,15 @@ fn metrics_pass_promtool() {
     // The open-connection gauge drops once the splice notices the close.
     let mut seed = String::new();
     wait_until(Duration::from_secs(5), "no open proxied connection", || {
-        seed = scrape(&lab.seed, SEED_METRICS);
+        seed = scrape(&lab.seeds[0], SEED_METRICS);
         value(&seed, "vpn_seed_proxy_open_connections", &[]) == 0.0
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{seed}"));
-    let client = scrape(&lab.shoot, CLIENT_METRICS);
+    let client = scrape(&lab.shoots[0], CLIENT_METRICS);
     promtool_check("seed server", &seed);
     promtool_check("shoot client", &client);
 
-    let peer: String = lab
-        .client_key
-        .as_ref()
-        .unwrap()
-        .public
-        .chars()
-        .take(8)
-        .collect();
+    let peer: String = lab.client_keys[0].public.chars().take(8).collect();
     let p = [("peer", peer.as_str())];
     assert_eq!(value(&seed, "vpn_seed_tunnel_up", &p), 1.0);
     assert!(value(&seed, "vpn_seed_handshakes_total", &p) >= 1.0);
@@ -317,9 +313,8 @@ type Tls = StreamOwned<ClientConnection, TcpStream>;
 /// A completed TLS handshake with the proxy listener in the seed namespace.
 fn tls_connect(lab: &Lab, cfg: &Arc<ClientConfig>) -> anyhow::Result<Tls> {
     let addr: SocketAddr = PROXY_TCP.parse()?;
-    let tcp = lab
-        .seed
-        .in_ns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+    let tcp =
+        lab.seeds[0].in_ns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
     tcp.set_read_timeout(Some(IO))?;
     tcp.set_write_timeout(Some(IO))?;
     let name = ServerName::IpAddress(addr.ip().into());
@@ -372,8 +367,8 @@ fn proxy_certificate_reload_with_symlink_swap() {
         std::os::unix::fs::symlink(format!("..data/{f}"), dir.join(f)).unwrap();
     }
 
-    let (_, client) = lab.keys().unwrap();
-    let mut args = lab.seed_server_args(&[client.public]).unwrap();
+    let (_, client) = lab.keys();
+    let mut args = lab.server_args_with(0, &[client.public]);
     for (flag, file) in [
         ("--proxy-tls-cert", "tls.crt"),
         ("--proxy-tls-key", "tls.key"),
@@ -382,9 +377,9 @@ fn proxy_certificate_reload_with_symlink_swap() {
         let i = args.iter().position(|a| a == flag).unwrap();
         args[i + 1] = dir.join(file).display().to_string();
     }
-    lab.start_seed_server_with(&args).unwrap();
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
+    lab.start_server_with(0, &args).unwrap();
+    lab.start_client(0).unwrap();
+    lab.wait_all_up(START_TIMEOUT).unwrap();
 
     let cfg = tls_client(&pki);
     let mut old = tls_connect(&lab, &cfg).expect("TLS to the proxy");
@@ -447,7 +442,7 @@ fn sigterm_drains_open_connections() {
     let Some(mut lab) = lab(LabOptions::default()) else {
         return;
     };
-    let uds = lab.uds_path();
+    let uds = lab.uds(0);
     let mut conn = open_uds_connection(&lab);
     assert!(seed_rules(&lab).contains("lookup 1194"), "no policy rule");
     let ready = format!("http://{SEED_METRICS}/readyz");
@@ -456,7 +451,7 @@ fn sigterm_drains_open_connections() {
     let t0 = sigterm(&lab, "seed-server");
     let mut seen = (0, String::new());
     let not_ready = wait_until(Duration::from_secs(2), "/readyz 503", || {
-        seen = http(&lab.seed, &ready);
+        seen = http(&lab.seeds[0], &ready);
         seen.0 == 503
     })
     .unwrap_or_else(|e| panic!("{e:#}; last {seen:?}\n{}", seed_log(&lab)));
@@ -466,7 +461,7 @@ fn sigterm_drains_open_connections() {
         "503 after {not_ready:?}"
     );
     assert_eq!(seen.1.trim(), "shutting down");
-    let (code, body) = http(&lab.seed, &health);
+    let (code, body) = http(&lab.seeds[0], &health);
     assert_eq!(code, 200, "/healthz while draining: {body}");
 
     // No new CONNECT over the UDS: the listener is closed.
@@ -491,7 +486,7 @@ fn sigterm_drains_open_connections() {
     // The open connection still works.
     let (code, _) = get_keepalive(&mut conn, "/whoami").expect("open connection while draining");
     assert_eq!(code, 200);
-    let (code, _) = http(&lab.seed, &ready);
+    let (code, _) = http(&lab.seeds[0], &ready);
     assert_eq!(code, 503);
 
     let closed = Instant::now();
@@ -512,7 +507,7 @@ fn sigterm_drains_open_connections() {
     assert!(!uds.exists(), "UDS {} left behind", uds.display());
 
     // The shoot client: exit 0 and its nftables table removed.
-    assert!(nft_tables(&lab.shoot).contains("inet vpn_shoot_client"));
+    assert!(nft_tables(&lab.shoots[0]).contains("inet vpn_shoot_client"));
     let t1 = sigterm(&lab, "shoot-client");
     let (st, exited) = wait_exit(&mut lab, "shoot-client", Duration::from_secs(5));
     eprintln!(
@@ -525,7 +520,7 @@ fn sigterm_drains_open_connections() {
         "{}",
         lab.proc("shoot-client").unwrap().log()
     );
-    let tables = nft_tables(&lab.shoot);
+    let tables = nft_tables(&lab.shoots[0]);
     assert!(
         !tables.contains("vpn_shoot_client"),
         "table left:\n{tables}"
@@ -541,12 +536,12 @@ fn sigterm_drain_timeout_exits_3() {
     let mut lab = Lab::new(LabOptions::default()).expect("build topology");
     lab.start_pod_server().unwrap();
     lab.start_ingress().unwrap();
-    let (_, client) = lab.keys().unwrap();
-    let mut args = lab.seed_server_args(&[client.public]).unwrap();
+    let (_, client) = lab.keys();
+    let mut args = lab.server_args_with(0, &[client.public]);
     args.extend(["--shutdown-timeout".into(), "1s".into()]);
-    lab.start_seed_server_with(&args).unwrap();
-    lab.start_shoot_client().unwrap();
-    lab.wait_tunnel(START_TIMEOUT).unwrap();
+    lab.start_server_with(0, &args).unwrap();
+    lab.start_client(0).unwrap();
+    lab.wait_all_up(START_TIMEOUT).unwrap();
 
     let mut conn = open_uds_connection(&lab);
     let t0 = sigterm(&lab, "seed-server");
@@ -567,7 +562,7 @@ fn sigterm_drain_timeout_exits_3() {
 
 fn answers(lab: &Lab, code: &str) -> f64 {
     value(
-        &scrape(&lab.seed, SEED_METRICS),
+        &scrape(&lab.seeds[0], SEED_METRICS),
         "vpn_seed_proxy_requests_total",
         &[("code", code)],
     )
@@ -618,7 +613,7 @@ scrape_configs:
         format!("--storage.tsdb.path={}", data.display()),
         "--web.listen-address=127.0.0.1:9090".into(),
     ];
-    let seed_ns = lab.seed.name().to_owned();
+    let seed_ns = lab.seeds[0].name().to_owned();
     let started = Instant::now();
     lab.spawn_in("prometheus", &seed_ns, Path::new("prometheus"), &args)
         .unwrap();
@@ -627,11 +622,11 @@ scrape_configs:
             "prometheus",
             Duration::from_secs(20),
             "Prometheus to scrape the pod (up{job=\"pod\"} == 1)",
-            |l| prom_query(&l.seed, r#"up{job="pod"}"#) == Some(1.0),
+            |l| prom_query(&l.seeds[0], r#"up{job="pod"}"#) == Some(1.0),
         )
         .unwrap_or_else(|e| {
             let prom = lab.proc("prometheus").map(|p| p.log()).unwrap_or_default();
-            let targets = http(&lab.seed, "http://127.0.0.1:9090/api/v1/targets").1;
+            let targets = http(&lab.seeds[0], "http://127.0.0.1:9090/api/v1/targets").1;
             panic!(
                 "{e:#}\ntargets: {targets}\nprometheus log:\n{prom}\nseed log:\n{}",
                 seed_log(&lab)
@@ -642,7 +637,7 @@ scrape_configs:
         started.elapsed()
     );
     wait_until(Duration::from_secs(5), "pod_up == 1", || {
-        prom_query(&lab.seed, "pod_up") == Some(1.0)
+        prom_query(&lab.seeds[0], "pod_up") == Some(1.0)
     })
     .unwrap();
     let after = answers(&lab, "200");
@@ -651,8 +646,7 @@ scrape_configs:
 
     // A forwarded request to an address outside the shoot networks: 403.
     let forbidden_before = answers(&lab, "403");
-    let out = lab
-        .seed
+    let out = lab.seeds[0]
         .exec("curl")
         .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
         .args(["-x", &format!("https://{PROXY_TCP}"), "--proxy-cacert"])

@@ -24,15 +24,19 @@ fn ingress_lab() -> Option<Lab> {
     let mut lab = Lab::new(LabOptions::default()).expect("build topology");
     lab.start_pod_server().expect("pod server");
     let www = lab.dir().join("pod-www").display().to_string();
-    let seed = lab.seed.name().to_owned();
+    let seed = lab.seeds[0].name().to_owned();
     let args: Vec<String> = ["--listen", BACKEND, "--dir", &www]
         .iter()
         .map(|s| s.to_string())
         .collect();
     lab.spawn_in("backend", &seed, &bin("podserver"), &args)
         .expect("backend");
-    wait_tcp_listen(&lab.seed, BACKEND.parse().unwrap(), Duration::from_secs(10))
-        .expect("backend listens");
+    wait_tcp_listen(
+        &lab.seeds[0],
+        BACKEND.parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .expect("backend listens");
     let gw = lab.gw.name().to_owned();
     let args: Vec<String> = [
         "--listen",
@@ -54,8 +58,7 @@ fn ingress_lab() -> Option<Lab> {
 
 fn shoot_stream(lab: &Lab) -> TcpStream {
     let addr: SocketAddr = INGRESS.parse().unwrap();
-    let s = lab
-        .shoot
+    let s = lab.shoots[0]
         .in_ns(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
         .unwrap()
         .expect("connect to ingress from shoot");
@@ -64,8 +67,7 @@ fn shoot_stream(lab: &Lab) -> TcpStream {
 }
 
 fn curl_shoot(lab: &Lab, args: &[&str]) -> (bool, String, String) {
-    let out = lab
-        .shoot
+    let out = lab.shoots[0]
         .exec("curl")
         .args(["-sS", "-m", "20"])
         .args(args)
@@ -86,7 +88,7 @@ fn topology_isolates_the_seed_and_the_shoot_reaches_the_pod() {
     }
     let mut lab = Lab::new(LabOptions::default()).expect("build topology");
     lab.start_pod_server().expect("pod server");
-    lab.assert_seed_isolated().expect("seed isolated");
+    lab.assert_seeds_isolated().expect("seed isolated");
     for url in [
         "http://100.96.1.10:8080/",
         "http://[fd00:96:0:1::10]:8080/index.html",

@@ -172,7 +172,7 @@ fn plane_turn(ctx: &mut Ctx<'_>, topo: &mut Topo, round: u32, plane: Plane) -> R
         }
         for (key, route) in routes {
             ctx.step(round, plane, key, |c| {
-                let o = rr::run(&topo.lab.seed, &route, ECHO_PORT, cfg.rr_time)?;
+                let o = rr::run(&topo.lab.seeds[0], &route, ECHO_PORT, cfg.rr_time)?;
                 c.log(&format!(
                     "  {plane} {key}: p50 {:.0} µs, p99 {:.0} µs ({} round trips)",
                     o.p50_us, o.p99_us, o.count
@@ -332,7 +332,7 @@ fn throughput(
                 .join(format!("r{round}-{plane}-{key}.json"));
             ctx.step(round, plane, &format!("iperf3 {key}"), |c| {
                 let o = iperf::run(
-                    &topo.lab.seed,
+                    &topo.lab.seeds[0],
                     &topo.lab.pod,
                     &iperf::Run {
                         host: host.clone(),

@@ -109,7 +109,7 @@ pub fn recovery(topo: &mut Topo, plane: Plane) -> Result<Recovery> {
     let killed = Instant::now();
     topo.kill_server(plane)?;
     topo.spawn_server(plane)?;
-    let listening = wait_listen(&topo.lab.seed, port, Duration::from_secs(15))?;
+    let listening = wait_listen(&topo.lab.seeds[0], port, Duration::from_secs(15))?;
     let at = first_success(&topo.rt, &route, UP_TIMEOUT)?;
     Ok(Recovery {
         from_listen: at.duration_since(listening).as_secs_f64(),

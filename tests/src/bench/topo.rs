@@ -108,14 +108,13 @@ impl Topo {
         Option<OpenVpn>,
         Option<Forwarder>,
     )> {
-        veth(&lab.seed, "direct0", &lab.pod, "direct0")?;
-        lab.seed.addr("direct0", DIRECT_SEED)?;
+        veth(&lab.seeds[0], "direct0", &lab.pod, "direct0")?;
+        lab.seeds[0].addr("direct0", DIRECT_SEED)?;
         lab.pod.addr("direct0", &format!("{DIRECT_POD}/30"))?;
         // Rounds of 10k short-lived connections to one pod port must not run out of source
         // ports while earlier ones sit in TIME_WAIT (the bench's and the seed server's).
-        lab.seed
-            .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        lab.seed.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        lab.seeds[0].sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        lab.seeds[0].sysctl("net.ipv4.tcp_tw_reuse", "1")?;
 
         lab.start_pod_server()?;
         let pod = lab.pod.name().to_owned();
@@ -149,16 +148,16 @@ impl Topo {
         lab.spawn_in("ingress", &gw, &try_bin("ingress-standin")?, &ingress)?;
         wait_tcp_listen(&lab.gw, INGRESS.parse()?, START_TIMEOUT)?;
 
-        lab.start_seed_server()?;
-        lab.start_shoot_client()?;
-        lab.wait_tunnel(START_TIMEOUT)?;
+        lab.start_server(0)?;
+        lab.start_client(0)?;
+        lab.wait_all_up(START_TIMEOUT)?;
 
-        let rt = NsRuntime::new(&lab.seed, 2)?;
+        let rt = NsRuntime::new(&lab.seeds[0], 2)?;
         let mtls = Arc::new(MtlsProxy::new(PROXY_TCP.parse()?, &lab.pki)?);
         let want_ovpn = cfg.planes.contains(&Plane::OpenVpn);
         let ovpn = if want_ovpn {
             let files = openvpn::prepare(&lab.dir().join("openvpn"), cfg.ovpn_nodelay)?;
-            openvpn::shoot_nat(&lab.shoot, SHOOT_POD_IF, lab.dir())?;
+            openvpn::shoot_nat(&lab.shoots[0], SHOOT_POD_IF, lab.dir())?;
             Some(files)
         } else {
             None
@@ -168,7 +167,7 @@ impl Topo {
         {
             Some(Forwarder::start(
                 &rt,
-                lab.uds_path(),
+                lab.uds(0),
                 SocketAddr::new(pod_ip(), iperf::PORT),
             )?)
         } else {
@@ -220,7 +219,7 @@ impl Topo {
     pub fn route(&self, plane: Plane) -> Route {
         match plane {
             Plane::Direct => Route::Tcp(IpAddr::V4(DIRECT_POD)),
-            Plane::Product => Route::Uds(self.lab.uds_path(), pod_ip()),
+            Plane::Product => Route::Uds(self.lab.uds(0), pod_ip()),
             Plane::OpenVpn => Route::Tcp(pod_ip()),
         }
     }
@@ -302,12 +301,12 @@ impl Topo {
                 if !self.running(SHOOT_CLIENT) {
                     self.spawn_client(plane)?;
                 }
-                self.lab.wait_tunnel(UP_TIMEOUT)?;
+                self.lab.wait_all_up(UP_TIMEOUT)?;
             }
             Plane::OpenVpn => {
                 if !self.running(OVPN_SERVER) {
                     self.spawn_server(plane)?;
-                    wait_listen(&self.lab.seed, openvpn::SERVER_PORT, START_TIMEOUT)
+                    wait_listen(&self.lab.seeds[0], openvpn::SERVER_PORT, START_TIMEOUT)
                         .context("OpenVPN server does not listen")?;
                 }
                 if !self.running(OVPN_CLIENT) {
@@ -340,12 +339,12 @@ impl Topo {
 
     /// Spawns the plane's client without waiting for it.
     pub fn spawn_client(&mut self, plane: Plane) -> Result<()> {
-        let shoot = self.lab.shoot.name().to_owned();
+        let shoot = self.lab.shoots[0].name().to_owned();
         match plane {
             Plane::Direct => bail!("the direct path has no client"),
             Plane::Product => {
-                let (_, key) = self.lab.keys()?;
-                let args = self.lab.client_args(&key.private_file)?;
+                let (_, key) = self.lab.keys();
+                let args = self.lab.client_args_for(&key.private_file);
                 let bin = try_bin("vpn-shoot-client")?;
                 self.lab.spawn_in(SHOOT_CLIENT, &shoot, &bin, &args)
             }
@@ -372,12 +371,12 @@ impl Topo {
 
     /// Spawns the plane's server without waiting for it.
     pub fn spawn_server(&mut self, plane: Plane) -> Result<()> {
-        let seed = self.lab.seed.name().to_owned();
+        let seed = self.lab.seeds[0].name().to_owned();
         match plane {
             Plane::Direct => bail!("the direct path has no server"),
             Plane::Product => {
-                let (_, client) = self.lab.keys()?;
-                let args = self.lab.seed_server_args(&[client.public])?;
+                let (_, client) = self.lab.keys();
+                let args = self.lab.server_args_with(0, &[client.public]);
                 let bin = try_bin("vpn-seed-server")?;
                 self.lab.spawn_in(SEED_SERVER, &seed, &bin, &args)
             }

@@ -126,13 +126,13 @@ fn run(args: &Args) -> Result<()> {
     );
 
     s.step("WireGuard keys (vpn-shoot-client keygen / pubkey)");
-    let (seed_key, client_key) = lab.keys()?;
+    let (seed_key, client_key) = lab.keys();
     println!("  seed server public key  {}", seed_key.public);
     println!("  shoot client public key {}", client_key.public);
 
     s.step("Seed server");
-    let d = lab.start_seed_server()?;
-    let uds = lab.uds_path();
+    let d = lab.start_server(0)?;
+    let uds = lab.uds(0);
     report_proc(
         &lab,
         "seed-server",
@@ -145,7 +145,7 @@ fn run(args: &Args) -> Result<()> {
     );
 
     s.step("Shoot client (dials out through the ingress)");
-    let d = lab.start_shoot_client()?;
+    let d = lab.start_client(0)?;
     report_proc(
         &lab,
         "shoot-client",
@@ -153,7 +153,7 @@ fn run(args: &Args) -> Result<()> {
         &format!("→ {INGRESS}, health {CLIENT_METRICS}"),
         d,
     );
-    let d = lab.wait_tunnel(START_TIMEOUT)?;
+    let d = lab.wait_all_up(START_TIMEOUT)?;
     println!(
         "  tunnel up (client and server /readyz 200) after {}",
         ms(d)
