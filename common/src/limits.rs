@@ -43,6 +43,16 @@ pub struct Limits {
     pub pending_dials: usize,
     /// DNS lookups through the tunnel in flight at once; more get 503.
     pub dns_lookups: usize,
+    /// Hostnames whose address the proxy caches.
+    pub dns_cache_names: usize,
+    /// Longest time a cached address is used (shorter when the record's TTL is).
+    pub dns_cache_ttl: Duration,
+    /// Time a proxy request waits for a tunnel when none is up (a reconnect, a restart)
+    /// before it gets 503; zero answers 503 at once.
+    pub tunnel_wait: Duration,
+    /// Bytes of TUN packets held while no tunnel is live (sent when one comes up, at most
+    /// `tunnel_wait` old): the SYNs and retransmissions of that moment.
+    pub held_bytes: usize,
     /// Entries of the flow table; packets of new flows beyond it are dropped.
     pub max_flows: usize,
     /// Fragmented datagrams whose tunnel the flow table remembers for their later fragments.
@@ -69,6 +79,10 @@ impl Default for Limits {
             max_connections: 20_000,
             pending_dials: 1024,
             dns_lookups: 256,
+            dns_cache_names: 1024,
+            dns_cache_ttl: Duration::from_secs(30),
+            tunnel_wait: Duration::from_secs(5),
+            held_bytes: 1 << 20,
             max_flows: 65_536,
             max_fragments: 1024,
             resume_window: Duration::from_secs(2),

@@ -47,6 +47,18 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Shoot: a stream that lived this long resets the backoff.
 pub const BACKOFF_RESET: Duration = Duration::from_secs(30);
+/// Shoot: after a live tunnel's stream died, redials for this long come quickly
+/// ([`FAST_REDIAL_MIN`]..=[`FAST_REDIAL_MAX`] apart, uniformly jittered): most outages (an
+/// ingress or seed server restart) are shorter, and the first dial after the ingress listens
+/// again should come within a fraction of a second. Then the backoff doubles to [`BACKOFF_MAX`].
+pub const FAST_REDIAL_WINDOW: Duration = Duration::from_secs(5);
+/// Shoot: shortest wait between fast redials (caps one tunnel at 10 dials per second).
+pub const FAST_REDIAL_MIN: Duration = Duration::from_millis(100);
+/// Shoot: longest wait between fast redials.
+pub const FAST_REDIAL_MAX: Duration = Duration::from_millis(250);
+/// Shoot: dials per second of one client over all its tunnels (a burst of one second's
+/// worth): a bound that holds whatever a flapping ingress does.
+pub const DIALS_PER_SECOND: u32 = 20;
 /// Shortest wait [`Node::poll_timeout`] asks for.
 pub const MIN_WAIT: Duration = Duration::from_millis(1);
 /// Client instances remembered per peer for preamble replay protection.
@@ -74,6 +86,39 @@ pub trait PacketSink {
     fn push(&mut self, packet: &[u8]) -> bool;
     /// Whether the batch is (nearly) full: the node stops decrypting so the caller can flush.
     fn is_full(&self) -> bool;
+}
+
+/// Keeps `pkt` for the next live tunnel: the oldest held packets make room (dropped, counted
+/// as `NoTunnel`), as do those older than the tunnel wait; nothing is held when the wait is 0.
+fn hold(
+    held: &mut VecDeque<(Instant, Vec<u8>)>,
+    held_bytes: &mut usize,
+    limits: &Limits,
+    stats: &mut NodeStats,
+    pkt: &[u8],
+    now: Instant,
+) {
+    let cap = if limits.tunnel_wait.is_zero() {
+        0
+    } else {
+        limits.held_bytes
+    };
+    if pkt.len() > cap {
+        stats.drop_packet(PacketDrop::NoTunnel);
+        return;
+    }
+    while let Some((at, p)) = held.front() {
+        let stale = now.saturating_duration_since(*at) > limits.tunnel_wait;
+        if !stale && *held_bytes + pkt.len() <= cap {
+            break;
+        }
+        *held_bytes -= p.len();
+        held.pop_front();
+        stats.drop_packet(PacketDrop::NoTunnel);
+    }
+    *held_bytes += pkt.len();
+    held.push_back((now, pkt.to_vec()));
+    stats.packets_held += 1;
 }
 
 /// A bounded in-memory [`PacketSink`] (a new stream's first message, the simulation).
@@ -319,6 +364,8 @@ pub struct NodeStats {
     pub refusals: [u64; Refusal::COUNT],
     /// Streams attached (seed: authenticated; shoot: dialled).
     pub streams_accepted: u64,
+    /// TUN packets held while no tunnel was live (sent when one came up, unless dropped).
+    pub packets_held: u64,
 }
 
 impl NodeStats {
@@ -377,7 +424,20 @@ enum Policy {
     Shoot {
         /// State of a small xorshift generator for the redial jitter.
         rng: u64,
+        /// Dials of all tunnels ([`DIALS_PER_SECOND`]).
+        dials: TokenBucket,
     },
+}
+
+/// Shoot: why a tunnel is redialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redial {
+    /// The dial failed (the ingress refused or did not answer).
+    DialFailed,
+    /// An opened stream ended before its session was live.
+    StreamDied,
+    /// The stream of a live tunnel ended.
+    LiveStreamDied,
 }
 
 /// Shoot: where a tunnel's redial stands.
@@ -422,6 +482,8 @@ struct Slot<S> {
     attempts: u64,
     reconnects: u64,
     retried_at_once: bool,
+    /// Shoot: when the tunnel's last live stream died (start of the fast redial phase).
+    outage_since: Option<Instant>,
 }
 
 impl<S> Slot<S> {
@@ -441,6 +503,7 @@ impl<S> Slot<S> {
             attempts: 0,
             reconnects: 0,
             retried_at_once: false,
+            outage_since: None,
         }
     }
 
@@ -457,6 +520,12 @@ pub struct Node<S, P = ()> {
     flows: FlowTable,
     /// Tunnels with a stream and an established session, ascending.
     live: Vec<TunnelId>,
+    /// TUN packets that found no live tunnel at all (a reconnect in progress), with when they
+    /// arrived: sent as soon as a tunnel is live again, so a SYN or a retransmission of that
+    /// moment needs no kernel retransmit timer; at most `Limits::held_bytes`, none older than
+    /// `Limits::tunnel_wait`.
+    held: VecDeque<(Instant, Vec<u8>)>,
+    held_bytes: usize,
     /// Their number, readable without the node (a proxy checks it per request).
     live_gauge: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     decoder: FrameDecoder,
@@ -519,7 +588,10 @@ impl<S, P> Node<S, P> {
                 Slot::new(name, session, &cfg.limits, Dial::Due(now))
             })
             .collect();
-        let policy = Policy::Shoot { rng: seed | 1 };
+        let policy = Policy::Shoot {
+            rng: seed | 1,
+            dials: TokenBucket::per_second(DIALS_PER_SECOND),
+        };
         Self::with(policy, slots, cfg, std::sync::Arc::default(), now)
     }
 
@@ -542,6 +614,8 @@ impl<S, P> Node<S, P> {
             slots,
             flows,
             live: Vec::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
             live_gauge: std::sync::Arc::default(),
             decoder: FrameDecoder::new(MAX_FRAME_LEN),
             dirty: Vec::new(),
@@ -803,11 +877,18 @@ impl<S, P> Node<S, P> {
             self.limit_hits.hit(LimitKind::PreauthTimeout);
             self.evicted.push_back((p, Refusal::PreauthTimeout));
         }
-        for (i, s) in self.slots.iter_mut().enumerate() {
-            if let Dial::Due(at) = s.dial {
-                if at <= now {
-                    s.dial = Dial::Ready;
-                    self.dials.push_back(tunnel_id(i));
+        if let Policy::Shoot { dials, .. } = &mut self.policy {
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                if let Dial::Due(at) = s.dial {
+                    if at <= now {
+                        if dials.try_take(now) {
+                            s.dial = Dial::Ready;
+                            self.dials.push_back(tunnel_id(i));
+                        } else {
+                            // Over the client's dial budget: when the next token is there.
+                            s.dial = Dial::Due(dials.next_token(now).max(now + MIN_WAIT));
+                        }
+                    }
                 }
             }
         }
@@ -832,6 +913,8 @@ impl<S, P> Node<S, P> {
             stats,
             limit_hits,
             dirty,
+            held,
+            held_bytes,
             ..
         } = self;
         for pkt in packets {
@@ -850,6 +933,10 @@ impl<S, P> Node<S, P> {
                     }
                     match flows.outbound(&view, live, now) {
                         Ok(t) => t,
+                        Err(DropReason::NoTunnel) if live.is_empty() => {
+                            hold(held, held_bytes, &cfg.limits, stats, pkt, now);
+                            continue;
+                        }
                         Err(reason) => {
                             if reason == DropReason::TableFull {
                                 limit_hits.hit(LimitKind::Flows);
@@ -864,7 +951,7 @@ impl<S, P> Node<S, P> {
                     match pinned.or_else(|| live.first().copied()) {
                         Some(t) => t,
                         None => {
-                            stats.drop_packet(PacketDrop::NoTunnel);
+                            hold(held, held_bytes, &cfg.limits, stats, pkt, now);
                             continue;
                         }
                     }
@@ -882,6 +969,31 @@ impl<S, P> Node<S, P> {
                 dirty.push(target);
             }
         }
+    }
+
+    /// Sends the held packets (fresh enough) once a tunnel is live.
+    fn release_held(&mut self) {
+        if self.live.is_empty() || self.held.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let wait = self.cfg.limits.tunnel_wait;
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        let fresh: Vec<Vec<u8>> = held
+            .into_iter()
+            .filter_map(|(at, p)| {
+                if now.saturating_duration_since(at) <= wait {
+                    Some(p)
+                } else {
+                    self.stats.drop_packet(PacketDrop::NoTunnel);
+                    None
+                }
+            })
+            .collect();
+        // Counted once when read from the TUN.
+        self.stats.tun_rx_packets = self.stats.tun_rx_packets.saturating_sub(fresh.len() as u64);
+        self.handle_tun_packets(fresh.iter().map(Vec::as_slice), now);
     }
 
     /// Bytes read from `stream`: decrypts the complete frames at the front of `buf` until
@@ -1187,26 +1299,45 @@ impl<S, P> Node<S, P> {
         };
         slot.attempts += 1;
         slot.session.stream_down();
-        self.schedule_redial(t, started, now);
+        self.schedule_redial(t, started, Redial::DialFailed, now);
     }
 
-    fn schedule_redial(&mut self, t: TunnelId, started: Instant, now: Instant) {
+    /// Shoot: when to dial tunnel `t` again after its stream (begun at `started`) died or its
+    /// dial failed.
+    fn schedule_redial(&mut self, t: TunnelId, started: Instant, why: Redial, now: Instant) {
         let window = self.cfg.limits.resume_window;
-        let Policy::Shoot { rng } = &mut self.policy else {
+        let Policy::Shoot { rng, .. } = &mut self.policy else {
             return;
         };
         let Some(slot) = self.slots.get_mut(t.index()) else {
             return;
         };
         let lived = now.saturating_duration_since(started);
-        if lived >= BACKOFF_RESET {
+        if why == Redial::LiveStreamDied {
+            // A working tunnel went down: the fast phase begins; after it, the backoff
+            // continues from twice the fast wait.
+            slot.outage_since = Some(now);
+            slot.backoff = FAST_REDIAL_MAX * 2;
+        } else if lived >= BACKOFF_RESET {
             slot.backoff = BACKOFF_MIN;
         }
+        let fast = slot
+            .outage_since
+            .is_some_and(|o| now.saturating_duration_since(o) < FAST_REDIAL_WINDOW);
         // A resumed stream the server closed unanswered (it restarted and lost the session):
         // the next stream carries a handshake, so it goes out at once.
-        let wait = if slot.session.is_resuming() && !slot.retried_at_once && lived < window {
+        let wait = if why != Redial::DialFailed
+            && slot.session.is_resuming()
+            && !slot.retried_at_once
+            && lived < window
+        {
             slot.retried_at_once = true;
             Duration::ZERO
+        } else if fast {
+            slot.retried_at_once = false;
+            let spread =
+                u64::try_from((FAST_REDIAL_MAX - FAST_REDIAL_MIN).as_millis()).unwrap_or(u64::MAX);
+            FAST_REDIAL_MIN + Duration::from_millis(next_random(rng) % (spread + 1))
         } else {
             slot.retried_at_once = false;
             let max = u64::try_from(slot.backoff.as_millis()).unwrap_or(u64::MAX);
@@ -1225,6 +1356,7 @@ impl<S, P> Node<S, P> {
         let Some(slot) = self.slots.get_mut(t.index()) else {
             return;
         };
+        let healthy = slot.live;
         let Some(a) = slot.stream.take() else {
             return;
         };
@@ -1247,7 +1379,12 @@ impl<S, P> Node<S, P> {
             detail,
         });
         if matches!(self.policy, Policy::Shoot { .. }) {
-            self.schedule_redial(t, since, now);
+            let why = if healthy {
+                Redial::LiveStreamDied
+            } else {
+                Redial::StreamDied
+            };
+            self.schedule_redial(t, since, why, now);
         }
     }
 
@@ -1332,6 +1469,7 @@ impl<S, P> Node<S, P> {
                 .filter(|(_, s)| s.live)
                 .map(|(i, _)| tunnel_id(i))
                 .collect();
+            self.release_held();
             self.live_gauge
                 .store(self.live.len(), std::sync::atomic::Ordering::Relaxed);
         }
@@ -1449,6 +1587,12 @@ impl NodeStats {
                 .sample(&name, &[("direction", "rx")], rx as f64)
                 .sample(&name, &[("direction", "tx")], tx as f64);
         }
+        e.single(
+            &format!("{prefix}_packets_held_total"),
+            Kind::Counter,
+            "TUN packets held while no tunnel was live, for the next one (see --tunnel-wait).",
+            self.packets_held as f64,
+        );
         let name = format!("{prefix}_packets_dropped_total");
         e.family(&name, Kind::Counter, "Packets dropped, by reason.");
         for r in PacketDrop::ALL {
@@ -1508,10 +1652,11 @@ mod tests {
             "x_frames_dropped_total{reason=\"queue_full\"} 1\n",
             "x_frames_dropped_total{reason=\"no_stream\"} 0\n",
             "x_streams_refused_total{reason=\"preamble_replay\"} 1\n",
+            "x_packets_held_total 0\n",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
-        assert_eq!(text.matches("# TYPE").count(), 5);
+        assert_eq!(text.matches("# TYPE").count(), 6);
         assert_eq!(s.refused_total(), 1);
         for r in PacketDrop::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", r.name())), "{r}");

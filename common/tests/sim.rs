@@ -25,6 +25,7 @@ use common::hub::{Hub, PeerConfig};
 use common::limits::{LimitKind, Limits, PendingKey};
 use common::node::{
     CloseReason, FrameDrop, Node, NodeConfig, PacketBatch, PacketDrop, Refusal, StreamId,
+    BACKOFF_MAX, DIALS_PER_SECOND, FAST_REDIAL_MAX, FAST_REDIAL_MIN, FAST_REDIAL_WINDOW,
 };
 use common::preamble::{parse_preamble, Preamble, PreambleKey, PREAMBLE_V1};
 use common::session::SessionConfig;
@@ -144,6 +145,8 @@ struct ClientHost {
     instance: u64,
     counter: u64,
     closed: Vec<(usize, CloseReason)>,
+    /// Every dial: tunnel and time.
+    dials: Vec<(usize, Instant)>,
 }
 
 struct World {
@@ -156,6 +159,8 @@ struct World {
     seeds: Vec<SeedHost>,
     clients: Vec<ClientHost>,
     pipes: Vec<Pipe>,
+    /// The ingress refuses every dial.
+    ingress_down: bool,
 }
 
 fn node_config(session: SessionConfig, limits: &Limits) -> NodeConfig {
@@ -189,6 +194,7 @@ impl World {
             seeds: Vec::new(),
             clients: Vec::new(),
             pipes: Vec::new(),
+            ingress_down: false,
         };
         // Start from a non-zero mock time like a real clock would.
         w.advance_clock(Duration::from_secs(1));
@@ -239,6 +245,7 @@ impl World {
             instance: rand::random::<u64>() | 1,
             counter: 1,
             closed: Vec::new(),
+            dials: Vec::new(),
         }
     }
 
@@ -310,6 +317,7 @@ impl World {
             seeds,
             clients,
             pipes,
+            ingress_down,
             ..
         } = self;
         for s in seeds.iter_mut() {
@@ -362,7 +370,8 @@ impl World {
                 moved = true;
                 let seed = t.index();
                 let first = c.node.start_stream(t, now).unwrap();
-                if !seeds.get(seed).is_some_and(|s| s.up) {
+                c.dials.push((seed, now));
+                if *ingress_down || !seeds.get(seed).is_some_and(|s| s.up) {
                     c.node.dial_failed(t, now);
                     continue;
                 }
@@ -831,6 +840,108 @@ fn reconnect_resumes_the_session_without_a_handshake() {
     assert_eq!(w.handshakes(0, 0), 1, "same keys on the new stream");
     new_flows(&mut w, 0, 6000, 20);
     assert_eq!(receivers(&w).len(), 20);
+}
+
+/// The ingress dies (every stream ends) and refuses dials for `outage`; returns how long after
+/// it listens again every tunnel is live, and client 0's dials during the outage.
+fn ingress_outage(outage: Duration) -> (Duration, Vec<(usize, Instant)>) {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    assert!(w.all_live());
+    w.ingress_down = true;
+    for p in &mut w.pipes {
+        p.closed_by_client = true;
+        p.closed_by_seed = true;
+    }
+    let down = w.now();
+    w.run(outage);
+    w.ingress_down = false;
+    let back = w.now();
+    while !w.all_live() {
+        assert!(w.now() - back < Duration::from_secs(10), "never recovered");
+        w.run(Duration::from_millis(1));
+    }
+    let dials = w.clients[0]
+        .dials
+        .iter()
+        .copied()
+        .filter(|&(_, at)| at >= down && at < back)
+        .collect();
+    (w.now() - back, dials)
+}
+
+#[test]
+fn short_outages_are_redialled_fast_and_within_the_dial_budget() {
+    for ms in [500, 1000, 2000, 3000, 4500] {
+        let outage = Duration::from_millis(ms);
+        let (recovered, dials) = ingress_outage(outage);
+        // The next dial comes at most FAST_REDIAL_MAX after the ingress is back (plus the
+        // simulation's 1 ms step); handshakes are not needed (the session resumes).
+        assert!(
+            recovered <= FAST_REDIAL_MAX + Duration::from_millis(5),
+            "outage {outage:?}: all tunnels live {recovered:?} after the ingress was back"
+        );
+        for t in 0..SEEDS {
+            let n = dials.iter().filter(|d| d.0 == t).count() as u64;
+            let most = ms / FAST_REDIAL_MIN.as_millis() as u64 + 1;
+            assert!(n <= most, "outage {outage:?}: {n} dials of tunnel {t}");
+            assert!(
+                n + 1 >= ms / FAST_REDIAL_MAX.as_millis() as u64,
+                "{n} dials: not fast"
+            );
+        }
+        assert!(dials.len() as u64 <= u64::from(DIALS_PER_SECOND) * (ms / 1000 + 1));
+    }
+}
+
+#[test]
+fn packets_sent_while_no_tunnel_is_live_go_out_when_one_is() {
+    let mut w = World::new(2, 2);
+    w.run(Duration::from_millis(10));
+    w.ingress_down = true;
+    for p in &mut w.pipes {
+        p.closed_by_client = true;
+        p.closed_by_seed = true;
+    }
+    w.run(Duration::from_millis(100));
+    assert!(w.seed_live(0).is_empty());
+    // A proxied connection's SYN and a retransmission while the tunnels reconnect.
+    new_flows(&mut w, 0, 9000, 5);
+    assert!(receivers(&w).is_empty(), "nothing can go out yet");
+    w.ingress_down = false;
+    w.run(Duration::from_secs(1));
+    assert_eq!(
+        receivers(&w).len(),
+        5,
+        "held packets went out with the first live tunnel"
+    );
+    // Held packets older than the tunnel wait are dropped, not sent.
+    w.ingress_down = true;
+    for p in &mut w.pipes {
+        p.closed_by_client = true;
+        p.closed_by_seed = true;
+    }
+    w.run(Duration::from_millis(100));
+    new_flows(&mut w, 0, 9100, 5);
+    w.run(w.limits.tunnel_wait + Duration::from_secs(1));
+    w.ingress_down = false;
+    w.run(Duration::from_secs(5));
+    assert!(w.all_live());
+    let late = receivers(&w).keys().filter(|&&p| p >= 9100).count();
+    assert_eq!(late, 0, "stale held packets were sent");
+}
+
+#[test]
+fn long_outages_back_off_to_the_cap() {
+    let (_, dials) = ingress_outage(Duration::from_secs(60));
+    let late = dials
+        .iter()
+        .filter(|&&(t, at)| t == 0 && at >= dials[0].1 + FAST_REDIAL_WINDOW + BACKOFF_MAX)
+        .count();
+    // Past the fast phase the waits grow to BACKOFF_MAX with full jitter (mean half of it):
+    // far fewer than the fast phase's 4 to 10 per second.
+    assert!(late < 40, "{late} dials of tunnel 0 in the last 50 s");
+    assert!(late >= 5, "{late} dials: the tunnel was given up");
 }
 
 #[test]

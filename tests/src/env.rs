@@ -109,3 +109,24 @@ pub fn e2e_guard() -> bool {
     }
     true
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held by tests of one binary that must not run at the same time (they measure failover on a
+/// small machine); a failed test does not block the rest.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A test's lab: `None` when `VPN_E2E=skip` (the test returns early), else [`crate::Lab::up`]
+/// (a failure fails the test, with every process log).
+#[allow(clippy::panic)] // test-harness entry point
+pub fn lab_for_test(opts: crate::LabOptions) -> Option<crate::Lab> {
+    if !e2e_guard() {
+        return None;
+    }
+    match crate::Lab::up(opts) {
+        Ok(l) => Some(l),
+        Err(e) => panic!("bring the lab up: {e:#}"),
+    }
+}

@@ -922,6 +922,36 @@ impl Lab {
         cmd.output().context("run curl")
     }
 
+    /// Starts curl in seed 0 as kube-apiserver downloading the pod's `big.bin` through the
+    /// mTLS proxy into `<dir>/<name>.bin` at `rate` (curl's `--limit-rate`, e.g. `4M`), as
+    /// process `name`. Returns the output path; the process exits 0 once it is complete.
+    pub fn start_download(&mut self, name: &str, rate: &str) -> Result<PathBuf> {
+        let out = self.dir().join(format!("{name}.bin"));
+        let p = &self.pki;
+        let args = strings(&[
+            "-sS",
+            "-m",
+            "300",
+            "--limit-rate",
+            rate,
+            "--proxytunnel",
+            "--proxy",
+            &format!("https://{PROXY_TCP}"),
+            "--proxy-cacert",
+            &p.ca.display().to_string(),
+            "--proxy-cert",
+            &p.client_cert.display().to_string(),
+            "--proxy-key",
+            &p.client_key.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+            &format!("http://{POD_TARGET}/big.bin"),
+        ]);
+        let seed = self.seeds[0].name().to_owned();
+        self.spawn_in(name, &seed, Path::new("curl"), &args)?;
+        Ok(out)
+    }
+
     /// Prints every process's log to stderr.
     pub fn print_logs(&self) {
         self.procs.print_logs();

@@ -21,7 +21,7 @@ pub mod soak;
 pub mod tmp;
 pub mod wait;
 
-pub use env::{bin, e2e_guard, require_root, try_bin};
+pub use env::{bin, e2e_guard, lab_for_test, require_root, serial, try_bin};
 pub use lab::{Lab, LabOptions};
 pub use netns::Netns;
 pub use proc::Proc;

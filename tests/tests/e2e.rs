@@ -10,21 +10,14 @@ use std::time::{Duration, Instant};
 use tests::client::{connect_uds, expect_silence, http_get, ConnectReply};
 use tests::lab::{
     sha256_file, Lab, LabOptions, CLIENT_METRICS, LOCAL_INDEX, POD_INDEX, POD_TARGET, PROXY_TCP,
-    START_TIMEOUT,
+    SEED_METRICS, START_TIMEOUT,
 };
 use tests::pki::Pki;
 use tests::wait::{http_status, wait_until};
-use tests::{e2e_guard, Proc};
+use tests::{e2e_guard, lab_for_test};
 
 const POD_URL: &str = "http://100.96.1.10:8080/index.html";
 const IO: Duration = Duration::from_secs(10);
-
-fn lab(opts: LabOptions) -> Option<Lab> {
-    if !e2e_guard() {
-        return None;
-    }
-    Some(Lab::up(opts).expect("bring the lab up"))
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -52,7 +45,7 @@ fn uds_get(lab: &Lab, target: &str) -> (ConnectReply, u16, String) {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn a_apiserver_reaches_the_pod_over_mtls_and_uds() {
-    let Some(lab) = lab(LabOptions::default()) else {
+    let Some(lab) = lab_for_test(LabOptions::default()) else {
         return;
     };
     let out = lab.curl_proxy(&["-m", "10"], POD_URL).unwrap();
@@ -70,7 +63,7 @@ fn a_apiserver_reaches_the_pod_over_mtls_and_uds() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn b_bulk_download_and_upload_keep_their_hash() {
-    let Some(lab) = lab(LabOptions {
+    let Some(lab) = lab_for_test(LabOptions {
         big_file: true,
         ..Default::default()
     }) else {
@@ -113,20 +106,44 @@ fn c_proxy_answers_403_503_502_504_in_time() {
     let mut lab = Lab::new(LabOptions::default()).expect("build topology");
     lab.start_pod_server().unwrap();
     lab.start_ingress().unwrap();
-    lab.start_server(0).unwrap();
+    let mut args = lab.server_args(0);
+    args.extend(["--tunnel-wait".into(), "3s".into()]);
+    lab.start_server_with(0, &args).unwrap();
     let uds = lab.uds(0);
 
-    // No tunnel yet: 503 at once.
+    // No tunnel yet: the request waits for one (--tunnel-wait), then gets 503.
     let (r, _) = connect_uds(&uds, POD_TARGET, IO).unwrap();
     assert_eq!(r.status, 503, "no tunnel: {}", r.head);
     assert!(
-        r.elapsed < Duration::from_secs(1),
-        "503 took {:?}",
+        (Duration::from_secs(3)..Duration::from_secs(4)).contains(&r.elapsed),
+        "503 after {:?}, not after the 3 s tunnel wait",
         r.elapsed
     );
-
+    let metrics =
+        tests::prom::http_text(&lab.seeds[0], &format!("http://{SEED_METRICS}/metrics")).unwrap();
+    assert_eq!(
+        tests::prom::metric(&metrics, "vpn_seed_proxy_tunnel_wait_timeouts_total"),
+        Some(1.0)
+    );
+    // A request made before the tunnel is up is held, and answered 200 once it is.
+    let held = {
+        let uds = uds.clone();
+        std::thread::spawn(move || {
+            let (r, mut s) = connect_uds(&uds, POD_TARGET, IO).unwrap();
+            (r, http_get(&mut s, POD_TARGET, "/index.html").ok())
+        })
+    };
+    lab.wait_for(IO, "the held request to wait", |l| {
+        tests::prom::http_text(&l.seeds[0], &format!("http://{SEED_METRICS}/metrics"))
+            .and_then(|m| tests::prom::metric(&m, "vpn_seed_proxy_waiting_for_tunnel"))
+            == Some(1.0)
+    })
+    .unwrap();
     lab.start_client(0).unwrap();
     lab.wait_all_up(START_TIMEOUT).unwrap();
+    let (r, got) = held.join().unwrap();
+    assert_eq!(r.status, 200, "held request: {}", r.head);
+    assert_eq!(got, Some((200, POD_INDEX.as_bytes().to_vec())));
 
     // Outside the shoot networks (the seed's own address): 403, over UDS and over mTLS.
     let (r, _) = connect_uds(&uds, "192.168.77.1:1194", IO).unwrap();
@@ -186,7 +203,7 @@ fn c_proxy_answers_403_503_502_504_in_time() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn d_tls_listener_requires_a_trusted_client_certificate() {
-    let Some(lab) = lab(LabOptions::default()) else {
+    let Some(lab) = lab_for_test(LabOptions::default()) else {
         return;
     };
     let no_cert = lab.seeds[0]
@@ -237,46 +254,14 @@ fn d_tls_listener_requires_a_trusted_client_certificate() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn e_ingress_restart_during_a_download_is_survived() {
-    let Some(mut lab) = lab(LabOptions {
+    let Some(mut lab) = lab_for_test(LabOptions {
         big_file: true,
         ..Default::default()
     }) else {
         return;
     };
     let (_, sum) = lab.big.clone().unwrap();
-    let dl = lab.dir().join("slow-download.bin");
-    let p = &lab.pki;
-    let args: Vec<String> = [
-        "-sS",
-        "-m",
-        "180",
-        "--limit-rate",
-        "4M",
-        "--proxytunnel",
-        "--proxy",
-        &format!("https://{PROXY_TCP}"),
-        "--proxy-cacert",
-        &p.ca.display().to_string(),
-        "--proxy-cert",
-        &p.client_cert.display().to_string(),
-        "--proxy-key",
-        &p.client_key.display().to_string(),
-        "-o",
-        &dl.display().to_string(),
-        "http://100.96.1.10:8080/big.bin",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut curl = Proc::spawn(
-        "download",
-        &lab.seeds[0],
-        Path::new("curl"),
-        &args,
-        &[],
-        &lab.dir().join("download.log"),
-    )
-    .unwrap();
+    let dl = lab.start_download("download", "4M").unwrap();
 
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     wait_until(Duration::from_secs(30), "8 MiB of the download", || {
@@ -317,6 +302,7 @@ fn e_ingress_restart_during_a_download_is_survived() {
         "new CONNECT took {elapsed:?} after the restart"
     );
 
+    let curl = lab.proc_mut("download").unwrap();
     let st = curl.wait_exit(Duration::from_secs(120)).unwrap();
     assert!(st.success(), "download failed ({st}): {}", curl.log());
     assert!(size(&dl) > at_kill);
@@ -330,7 +316,7 @@ fn e_ingress_restart_during_a_download_is_survived() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn f_ipv6_pod_is_reachable() {
-    let Some(lab) = lab(LabOptions::default()) else {
+    let Some(lab) = lab_for_test(LabOptions::default()) else {
         return;
     };
     let out = lab
@@ -344,7 +330,7 @@ fn f_ipv6_pod_is_reachable() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn g_shoot_network_overlapping_a_seed_network() {
-    let Some(lab) = lab(LabOptions {
+    let Some(lab) = lab_for_test(LabOptions {
         seed_local: true,
         ..Default::default()
     }) else {
@@ -368,7 +354,7 @@ fn g_shoot_network_overlapping_a_seed_network() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn h_unknown_client_key_is_refused_and_peers_are_unaffected() {
-    let Some(mut lab) = lab(LabOptions {
+    let Some(mut lab) = lab_for_test(LabOptions {
         second_shoot: true,
         ..Default::default()
     }) else {

@@ -5,12 +5,11 @@
 //! `VPN_E2E=skip`) and `cargo build --release --workspace --bins` first (run them with `--release`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tests::e2e_guard;
-use tests::lab::{Lab, LabOptions, POD_INDEX, POD_TARGET, POD_TARGET_V6, START_TIMEOUT};
+use tests::lab::{LabOptions, POD_INDEX, POD_TARGET, POD_TARGET_V6, START_TIMEOUT};
 use tests::load::{windows, Attempt, Held, Load};
+use tests::{lab_for_test, serial};
 
 /// Pace of the load of new connections.
 const PACE: Duration = Duration::from_millis(50);
@@ -18,20 +17,6 @@ const PACE: Duration = Duration::from_millis(50);
 const WINDOW: Duration = Duration::from_secs(2);
 const A: usize = 0;
 const B: usize = 1;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Runs the tests one after the other (a failed one must not block the rest).
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn ha(opts: LabOptions) -> Option<Lab> {
-    if !e2e_guard() {
-        return None;
-    }
-    Some(Lab::up(opts).expect("bring the HA lab up"))
-}
 
 fn by_client(attempts: &[&Attempt]) -> [usize; 2] {
     let mut n = [0; 2];
@@ -60,7 +45,7 @@ fn describe(attempts: &[Attempt], t0: Instant) -> String {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
     let _serial = serial();
-    let Some(lab) = ha(LabOptions {
+    let Some(lab) = lab_for_test(LabOptions {
         peers_dir: true,
         ..LabOptions::ha()
     }) else {
@@ -91,7 +76,7 @@ fn ha_a_both_servers_reach_the_pod_and_flows_spread_over_both_clients() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_b_kill9_client_a_under_load() {
     let _serial = serial();
-    let Some(mut lab) = ha(LabOptions::ha()) else {
+    let Some(mut lab) = lab_for_test(LabOptions::ha()) else {
         return;
     };
     let mut held: Vec<Held> = (0..20).map(|_| lab.hold(0).unwrap()).collect();
@@ -174,7 +159,7 @@ fn ha_b_kill9_client_a_under_load() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
     let _serial = serial();
-    let Some(mut lab) = ha(LabOptions::ha()) else {
+    let Some(mut lab) = lab_for_test(LabOptions::ha()) else {
         return;
     };
     lab.kill9(&lab.client_name(A)).unwrap();
@@ -209,7 +194,7 @@ fn ha_c_restarted_client_rejoins_and_takes_new_flows() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_d_kill9_server_1_and_restart_it() {
     let _serial = serial();
-    let Some(mut lab) = ha(LabOptions::ha()) else {
+    let Some(mut lab) = lab_for_test(LabOptions::ha()) else {
         return;
     };
     let load = Load::start(vec![lab.uds(0)], PACE);
@@ -262,7 +247,7 @@ fn ha_d_kill9_server_1_and_restart_it() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_e_rolling_restart_of_both_clients_under_load() {
     let _serial = serial();
-    let Some(mut lab) = ha(LabOptions::ha()) else {
+    let Some(mut lab) = lab_for_test(LabOptions::ha()) else {
         return;
     };
     let load = Load::start(vec![lab.uds(0), lab.uds(1)], PACE);
@@ -302,7 +287,7 @@ fn ha_e_rolling_restart_of_both_clients_under_load() {
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn ha_f_blackholed_client_is_dropped_and_rejoins() {
     let _serial = serial();
-    let Some(mut lab) = ha(LabOptions {
+    let Some(mut lab) = lab_for_test(LabOptions {
         keepalive: Some("1s"),
         dead_peer_timeout: Some("3s"),
         ..LabOptions::ha()

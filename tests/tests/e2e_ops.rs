@@ -29,16 +29,9 @@ use tests::lab::{
 use tests::proc::signal;
 use tests::prom::{http, prom_query, promtool_check, samples, scrape, value};
 use tests::wait::wait_until;
-use tests::{e2e_guard, Netns};
+use tests::{e2e_guard, lab_for_test, Netns};
 
 const IO: Duration = Duration::from_secs(10);
-
-fn lab(opts: LabOptions) -> Option<Lab> {
-    if !e2e_guard() {
-        return None;
-    }
-    Some(Lab::up(opts).expect("bring the lab up"))
-}
 
 /// Fails the test unless `tool` is on PATH, naming the Debian package that ships it.
 fn require_tool(tool: &str, package: &str) {
@@ -138,7 +131,7 @@ fn metrics_pass_promtool() {
         return;
     }
     require_tool("promtool", "prometheus");
-    let lab = lab(LabOptions::default()).unwrap();
+    let lab = lab_for_test(LabOptions::default()).unwrap();
 
     // Traffic: one CONNECT + GET over the UDS, one CONNECT refused with 403.
     let (reply, mut s) = connect_uds(&lab.uds(0), POD_TARGET, IO).unwrap();
@@ -439,7 +432,7 @@ fn proxy_certificate_reload_with_symlink_swap() {
 #[test]
 #[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
 fn sigterm_drains_open_connections() {
-    let Some(mut lab) = lab(LabOptions::default()) else {
+    let Some(mut lab) = lab_for_test(LabOptions::default()) else {
         return;
     };
     let uds = lab.uds(0);
@@ -575,7 +568,7 @@ fn prometheus_scrapes_a_pod_through_the_proxy() {
         return;
     }
     require_tool("prometheus", "prometheus");
-    let mut lab = lab(LabOptions::default()).unwrap();
+    let mut lab = lab_for_test(LabOptions::default()).unwrap();
     std::fs::write(
         lab.dir().join("pod-www").join("metrics"),
         "# HELP pod_up Whether the pod serves.\n# TYPE pod_up gauge\npod_up 1\n",

@@ -16,8 +16,13 @@ Every flag can also be set by the environment variable shown. Secrets are file p
 
 Endpoints on --metrics-listen (default :15000): /healthz (liveness), /readyz, /metrics.
 /readyz: 200 while at least one tunnel is established; 503 before that and after SIGTERM.
-SIGTERM: the proxy listeners close, open proxied connections drain for up to
---shutdown-timeout, then the routes are removed.
+SIGTERM: the proxy socket is removed and the listeners close after taking what is queued in
+their backlogs; every accepted connection is served and drains for up to --shutdown-timeout,
+then the routes are removed.
+
+Proxy answers: 200 connected; 400 bad request; 403 target outside the shoot networks; 405
+method; 502 refused/unreachable/unknown host; 503 no tunnel within --tunnel-wait, or a limit;
+504 dial or DNS timeout.
 
 Every bound that hostile input can run into (pending streams, handshakes per second, TLS
 handshakes, pending proxy connections, dials, DNS lookups, flows, log lines) is a flag below
@@ -125,6 +130,12 @@ pub struct Args {
     /// Time allowed to establish a proxied connection before answering 504.
     #[arg(long, env = "DIAL_TIMEOUT", default_value = "10s", value_parser = common::config::duration)]
     pub dial_timeout: Flag<Duration>,
+
+    /// Time a CONNECT or forwarded request waits for a tunnel while none is up (the client
+    /// reconnects, or the server just started) before it is answered 503; `0` answers 503 at
+    /// once. Waiting requests count against --max-connections.
+    #[arg(long, env = "TUNNEL_WAIT", default_value = "5s", value_parser = common::config::duration)]
+    pub tunnel_wait: Flag<Duration>,
 
     /// The shoot's DNS server (e.g. the kube-dns service IP), asked through the tunnel for
     /// hostname targets; it must lie in the shoot networks. Without it they get 502.
@@ -379,7 +390,11 @@ impl Args {
                 .log_lines_per_second
                 .get("log-lines-per-second", &mut errs)
                 .unwrap_or(d.log_lines_per_second),
-            // Fragments and the resume window follow the documented defaults.
+            tunnel_wait: self
+                .tunnel_wait
+                .get("tunnel-wait", &mut errs)
+                .unwrap_or(d.tunnel_wait),
+            // Fragments, the DNS cache and the resume window follow the documented defaults.
             ..d
         };
         let proxy_uds_mode = self
@@ -683,8 +698,15 @@ mod tests {
             "0600",
             "--proxy-uds-group",
             "4242",
+            "--tunnel-wait",
+            "0s",
         ])
         .unwrap();
+        assert_eq!(
+            c.limits.tunnel_wait,
+            Duration::ZERO,
+            "0 answers 503 at once"
+        );
         assert_eq!(c.limits.pending_streams, 10);
         assert_eq!(c.limits.preauth_timeout, Duration::from_millis(500));
         assert_eq!(c.limits.handshakes_per_second, 7);

@@ -157,8 +157,20 @@ impl Health for Server {
         e.single(
             "vpn_seed_proxy_open_connections",
             Kind::Gauge,
-            "Open proxied connections.",
+            "Open proxied connections (including those waiting for a tunnel).",
             g(&s.proxy_open),
+        );
+        e.single(
+            "vpn_seed_proxy_waiting_for_tunnel",
+            Kind::Gauge,
+            "Proxy requests waiting for a tunnel to come up (see --tunnel-wait).",
+            g(&s.tunnel_waiting),
+        );
+        e.single(
+            "vpn_seed_proxy_tunnel_wait_timeouts_total",
+            Kind::Counter,
+            "Proxy requests answered 503 because no tunnel came up within --tunnel-wait.",
+            g(&s.tunnel_wait_timeouts),
         );
         e.family(
             "vpn_seed_proxy_dial_seconds",
@@ -339,11 +351,12 @@ pub async fn run(
         tasks.spawn(common::io::process::health_task(l, server.clone()));
     }
     let mut accepts = tokio::task::JoinSet::new();
+    let (stop_accepting, stop) = tokio::sync::watch::channel(false);
     if let (Some(l), Some(tls)) = (listeners.proxy_tls, tls) {
-        accepts.spawn(accept_proxy_tls(proxy.clone(), l, tls));
+        accepts.spawn(accept_proxy_tls(proxy.clone(), l, tls, stop.clone()));
     }
     if let Some(l) = listeners.proxy_uds {
-        accepts.spawn(accept_proxy_uds(proxy.clone(), l));
+        accepts.spawn(accept_proxy_uds(proxy.clone(), l, stop.clone()));
     }
 
     let result = tokio::select! {
@@ -351,6 +364,17 @@ pub async fn run(
         Some(res) = tasks.join_next() => Err(common::io::process::task_ended(res)),
         Some(res) = accepts.join_next() => Err(common::io::process::task_ended(res)),
     };
+    // The listeners take what is in their backlogs (a connection there would otherwise be
+    // reset), then close; those connections are served and drained like the others. The
+    // socket's path goes first: a new connect finds nothing (ENOENT) instead of a reset.
+    if let Some(p) = &cfg.proxy_uds {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = stop_accepting.send(true);
+    let _ = tokio::time::timeout(BACKLOG_DRAIN, async {
+        while accepts.join_next().await.is_some() {}
+    })
+    .await;
     accepts.abort_all();
     let result = match result {
         Ok(()) => drain(&server, cfg.shutdown_timeout, &mut tasks).await,
@@ -383,6 +407,7 @@ async fn drain(
     tasks: &mut tokio::task::JoinSet<Result<()>>,
 ) -> Result<Stopped> {
     server.draining.store(true, Ordering::Relaxed);
+    server.node.wake_tunnel_waiters();
     let deadline = tokio::time::Instant::now() + timeout;
     tracing::info!(
         open = server.open_connections(),
@@ -461,20 +486,46 @@ async fn reload_tls(tls: Arc<ReloadingServerConfig>) -> Result<()> {
     }
 }
 
+/// Longest time the proxy listeners take to empty their backlogs on shutdown.
+const BACKLOG_DRAIN: Duration = Duration::from_secs(1);
+
+/// The next connection of a proxy listener: `None` once `stop` is set and the backlog is
+/// empty (after `stop`, only connections already queued are taken, without waiting).
+async fn next_conn<T, F: std::future::Future<Output = std::io::Result<T>>>(
+    accept: impl Fn() -> F,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<T> {
+    loop {
+        let res = if *stop.borrow() {
+            // Polled once: ready only when a connection is queued.
+            tokio::time::timeout(Duration::ZERO, accept()).await.ok()?
+        } else {
+            tokio::select! {
+                r = accept() => r,
+                _ = stop.changed() => continue,
+            }
+        };
+        match res {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                common::warn_limited!("proxy_accept_failed", error = %e, "proxy accept failed");
+                if *stop.borrow() {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn accept_proxy_tls(
     proxy: Arc<ProxyContext>,
     l: TcpListener,
     tls: Arc<ReloadingServerConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    loop {
-        let (stream, remote) = match l.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                common::warn_limited!("proxy_accept_failed", error = %e, "proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, remote)) = next_conn(|| l.accept(), &mut stop).await {
+        let open = proxy.server.open_guard();
         // The budget is taken before TLS: the oldest unfinished connection makes room.
         let server = &proxy.server;
         let pending = Pending::take(
@@ -513,7 +564,7 @@ async fn accept_proxy_tls(
             match res {
                 // Boxed: the request's state is allocated once the handshake is done, not by
                 // every connection still waiting for its ClientHello.
-                Ok(Ok(s)) => Box::pin(proxy.serve(s, remote.to_string(), pending)).await,
+                Ok(Ok(s)) => Box::pin(proxy.serve(s, remote.to_string(), pending, open)).await,
                 Ok(Err(e)) => {
                     common::warn_limited!("proxy_tls_refused", %remote, error = %e, "proxy TLS handshake refused")
                 }
@@ -524,18 +575,16 @@ async fn accept_proxy_tls(
             }
         });
     }
+    Ok(())
 }
 
-async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<()> {
-    loop {
-        let (stream, _) = match l.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                common::warn_limited!("proxy_accept_failed", error = %e, "proxy socket accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+async fn accept_proxy_uds(
+    proxy: Arc<ProxyContext>,
+    l: UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    while let Some((stream, _)) = next_conn(|| l.accept(), &mut stop).await {
+        let open = proxy.server.open_guard();
         let server = &proxy.server;
         let pending = Pending::take(
             &server.proxy_pending,
@@ -543,6 +592,7 @@ async fn accept_proxy_uds(proxy: Arc<ProxyContext>, l: UnixListener) -> Result<(
             LimitKind::ProxyPending,
         );
         let proxy = proxy.clone();
-        tokio::spawn(async move { proxy.serve(stream, "uds".into(), pending).await });
+        tokio::spawn(async move { proxy.serve(stream, "uds".into(), pending, open).await });
     }
+    Ok(())
 }

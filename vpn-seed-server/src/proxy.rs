@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use common::limits::LimitKind;
 
 use crate::config::Config;
-use crate::state::{lock, Pending, Server};
+use crate::state::{lock, OpenGuard, Pending, Server};
 
 /// Time a forwarded request's upstream has to start its answer.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -32,10 +32,6 @@ pub const MAX_LINGERING: usize = 64;
 const LINGER_BYTES: usize = 256 * 1024;
 /// Longest time a refused connection drains.
 const LINGER_TIME: Duration = Duration::from_secs(1);
-/// Names whose address is cached.
-const DNS_CACHE_NAMES: usize = 1024;
-/// Longest time an address stays cached (shorter when the record's TTL is).
-const DNS_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// Resolves hostname targets through the shoot's DNS server, from sockets bound to the seed
 /// TUN, with a small positive cache.
@@ -44,8 +40,10 @@ pub struct Resolver {
     device: String,
     cluster_domain: String,
     timeout: Duration,
-    /// Name → address and expiry; at most [`DNS_CACHE_NAMES`] entries.
+    /// Name → address and expiry; at most `cache_names` entries.
     cache: Mutex<HashMap<String, (IpAddr, Instant)>>,
+    cache_names: usize,
+    cache_ttl: Duration,
     /// Bounds lookups in flight (each holds two sockets and a flow until answered).
     lookups: Arc<Semaphore>,
 }
@@ -59,6 +57,8 @@ impl Resolver {
             cluster_domain: cfg.shoot_cluster_domain.clone(),
             timeout: cfg.dns_timeout,
             cache: Mutex::new(HashMap::new()),
+            cache_names: cfg.limits.dns_cache_names,
+            cache_ttl: cfg.limits.dns_cache_ttl,
             lookups: Arc::new(Semaphore::new(cfg.limits.dns_lookups)),
         })
     }
@@ -151,17 +151,17 @@ impl Resolver {
         Err(fail(502, "no such host".into()))
     }
 
-    /// Caches `ip` for `name` for the record's TTL, at most [`DNS_CACHE_TTL`].
+    /// Caches `ip` for `name` for the record's TTL, at most the cache's TTL.
     fn remember(&self, name: &str, ip: IpAddr, ttl: Option<u32>) {
-        let ttl = Duration::from_secs(u64::from(ttl.unwrap_or(0))).min(DNS_CACHE_TTL);
+        let ttl = Duration::from_secs(u64::from(ttl.unwrap_or(0))).min(self.cache_ttl);
         if ttl.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut cache = lock(&self.cache);
-        if cache.len() >= DNS_CACHE_NAMES {
+        if cache.len() >= self.cache_names {
             cache.retain(|_, (_, exp)| *exp > now);
-            if cache.len() >= DNS_CACHE_NAMES {
+            if cache.len() >= self.cache_names {
                 cache.clear();
             }
         }
@@ -311,7 +311,15 @@ impl ProxyContext {
 
     /// Serves one client connection of kube-apiserver (CONNECT) or Prometheus (a plain-HTTP
     /// request in absolute form, forwarded once with `Connection: close`).
-    pub async fn serve<S: ClientStream>(&self, mut client: S, peer: String, pending: Pending) {
+    /// `open` counts it from its accept on: a shutdown drains connections still in their TLS
+    /// handshake, being read, waiting for a tunnel or dialling, not only relays.
+    pub async fn serve<S: ClientStream>(
+        &self,
+        mut client: S,
+        peer: String,
+        pending: Pending,
+        open: OpenGuard,
+    ) {
         let started = Instant::now();
         // Boxed, like the refusal's linger below: their state (head buffer, resolver, dial) is
         // freed once done instead of staying in every open connection's future.
@@ -333,7 +341,6 @@ impl ProxyContext {
             }) => {
                 self.server.stats.proxy_answers.count(200);
                 tracing::debug!(client = %peer, %target, elapsed = ?started.elapsed(), forward = forward.is_some(), "proxied connection established");
-                let open = self.server.open_guard();
                 let res = match forward {
                     None => {
                         if client
@@ -424,17 +431,19 @@ impl ProxyContext {
                 resolver(&self.resolver, host).map_err(&fail)?;
             }
         }
-        if self.server.draining.load(Ordering::Relaxed) {
-            return Err(fail(refuse(503, "shutting down")));
-        }
-        if self.server.live_count() == 0 {
-            return Err(fail(refuse(503, "no tunnel to the shoot is up")));
-        }
-        // Taken before resolving, so the limit also bounds concurrent lookups.
+        // Taken before waiting for a tunnel and resolving, so the limit also bounds waiting
+        // requests and concurrent lookups.
         let permit = self.limit.clone().try_acquire_owned().map_err(|_| {
             counters.hit(LimitKind::Connections);
             fail(refuse(503, "connection limit reached"))
         })?;
+        // Hold, don't refuse: a reconnecting or just started tunnel gets `--tunnel-wait`.
+        if !self.server.wait_for_tunnel().await {
+            if self.server.draining.load(Ordering::Relaxed) {
+                return Err(fail(refuse(503, "shutting down")));
+            }
+            return Err(fail(refuse(503, "no tunnel to the shoot is up")));
+        }
         let addr = match parsed {
             Target::Addr(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Target::Host { host, port } => {
@@ -540,6 +549,8 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             timeout: Duration::from_secs(2),
             cache: Mutex::new(HashMap::new()),
+            cache_names: 2,
+            cache_ttl: Duration::from_secs(30),
             lookups: Arc::new(Semaphore::new(4)),
         }
     }
@@ -562,10 +573,10 @@ mod tests {
         assert!(lock(&r.cache).is_empty());
         r.remember("long.ttl", ip, Some(86400));
         let exp = lock(&r.cache).get("long.ttl").unwrap().1;
-        assert!(exp <= Instant::now() + DNS_CACHE_TTL);
-        for i in 0..DNS_CACHE_NAMES + 10 {
+        assert!(exp <= Instant::now() + r.cache_ttl);
+        for i in 0..r.cache_names + 10 {
             r.remember(&format!("n{i}.example"), ip, Some(10));
-            assert!(lock(&r.cache).len() <= DNS_CACHE_NAMES);
+            assert!(lock(&r.cache).len() <= r.cache_names);
         }
     }
 }

@@ -60,6 +60,10 @@ impl Drop for Pending {
 /// Counters exposed on `/metrics` besides the node's.
 pub struct Stats {
     pub proxy_open: AtomicU64,
+    /// Proxy requests waiting for a tunnel now.
+    pub tunnel_waiting: AtomicU64,
+    /// Proxy requests whose wait for a tunnel ended without one (answered 503).
+    pub tunnel_wait_timeouts: AtomicU64,
     /// Proxy answers, by code.
     pub proxy_answers: Answers,
     /// Time from the start of a dial through the TUN to the upstream's accept.
@@ -72,6 +76,8 @@ impl Default for Stats {
     fn default() -> Self {
         Self {
             proxy_open: AtomicU64::new(0),
+            tunnel_waiting: AtomicU64::new(0),
+            tunnel_wait_timeouts: AtomicU64::new(0),
             proxy_answers: Answers::default(),
             dial: Histogram::new(&DIAL_BUCKETS),
             limits: Arc::default(),
@@ -138,10 +144,10 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Server {
-    /// Counts a proxied connection as open until the guard drops.
-    pub fn open_guard(&self) -> OpenGuard<'_> {
+    /// Counts a proxy connection as open (from its accept on) until the guard drops.
+    pub fn open_guard(self: &Arc<Self>) -> OpenGuard {
         self.stats.proxy_open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self)
+        OpenGuard(self.clone())
     }
 
     /// Open proxied connections.
@@ -153,12 +159,34 @@ impl Server {
     pub fn live_count(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
+
+    /// Whether a proxy request may dial: a tunnel is live, or comes up within the tunnel wait
+    /// (`Limits::tunnel_wait`); `false` also when shutdown begins meanwhile. A request that
+    /// waited in vain counts in `tunnel_wait_timeouts`.
+    pub async fn wait_for_tunnel(&self) -> bool {
+        if self.live_count() > 0 {
+            return true;
+        }
+        let wait = self.limits.tunnel_wait;
+        if wait.is_zero() {
+            return false;
+        }
+        self.stats.tunnel_waiting.fetch_add(1, Ordering::Relaxed);
+        let ready = || self.live_count() > 0 || self.draining.load(Ordering::Relaxed);
+        let waited = tokio::time::timeout(wait, self.node.wait_tunnel_up(ready)).await;
+        self.stats.tunnel_waiting.fetch_sub(1, Ordering::Relaxed);
+        let up = self.live_count() > 0;
+        if waited.is_err() && !up {
+            inc(&self.stats.tunnel_wait_timeouts);
+        }
+        up
+    }
 }
 
 /// See [`Server::open_guard`].
-pub struct OpenGuard<'a>(&'a Server);
+pub struct OpenGuard(Arc<Server>);
 
-impl Drop for OpenGuard<'_> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
         if self.0.stats.proxy_open.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.0.proxy_idle.notify_waiters();

@@ -17,7 +17,7 @@ use common::connect::{format_response, parse_request, MAX_HEAD_LEN};
 use common::frame::FrameDecoder;
 use common::io::framed::FrameSink;
 use common::io::nodeio::{
-    drain, serve_attached, spawn_writer, PendingIo, StreamIo, StreamReader, TunWriters,
+    serve_attached, spawn_writer, PendingIo, StreamIo, StreamReader, TunWriters,
 };
 use common::node::{PacketBatch, Refusal, Refused};
 use common::preamble::{parse_preamble, Preamble, V2_LEN};
@@ -118,7 +118,7 @@ pub async fn serve_stream(
     let key = {
         let mut node = cell.lock();
         let key = node.stream_arrived(pending.clone(), Instant::now());
-        drain(&mut node);
+        cell.drain(&mut node);
         key
     };
     cell.poke();
@@ -155,7 +155,7 @@ pub async fn serve_stream(
             Instant::now(),
             &mut first,
         );
-        drain(&mut node);
+        cell.drain(&mut node);
         res?
     };
     cell.poke();

@@ -202,7 +202,7 @@ async fn connect(cell: Arc<NodeCell>, writers: Arc<TunWriters>, t: TunnelId, dia
             tracing::warn!(tunnel = %t, error = format!("{e:#}"), "tunnel stream failed");
             let mut node = cell.lock();
             node.dial_failed(t, Instant::now());
-            nodeio::drain(&mut node);
+            cell.drain(&mut node);
             drop(node);
             cell.poke();
             return;
@@ -217,7 +217,7 @@ async fn connect(cell: Arc<NodeCell>, writers: Arc<TunWriters>, t: TunnelId, dia
     let id = {
         let mut node = cell.lock();
         let res = node.stream_opened(t, io, Instant::now());
-        nodeio::drain(&mut node);
+        cell.drain(&mut node);
         res
     };
     cell.poke();

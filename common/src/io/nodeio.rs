@@ -76,6 +76,8 @@ pub struct NodeCell {
     /// Woken after calls that may move the next deadline earlier (a stream opened, closed or
     /// pending): the driver then asks the node again.
     changed: Notify,
+    /// Woken (all waiters) when a tunnel becomes live, and by [`NodeCell::wake_tunnel_waiters`].
+    tunnel_up: Notify,
 }
 
 impl NodeCell {
@@ -83,6 +85,7 @@ impl NodeCell {
         Arc::new(Self {
             node: Mutex::new(node),
             changed: Notify::new(),
+            tunnel_up: Notify::new(),
         })
     }
 
@@ -96,20 +99,45 @@ impl NodeCell {
     pub fn poke(&self) {
         self.changed.notify_one();
     }
-}
 
-/// Executes what the node polled out that needs no await: frames to the streams' sinks,
-/// detached streams closed, evicted pending streams woken, events logged.
-pub fn drain(node: &mut IoNode) {
-    node.flush_transmits(|io, frames| io.sink.send(frames));
-    while let Some(c) = node.poll_close() {
-        c.handle.close();
+    /// Waits until some tunnel becomes live or [`NodeCell::wake_tunnel_waiters`] is called,
+    /// whichever first, or returns at once when `ready()` holds. `ready` is checked after the
+    /// wait is registered, so a tunnel that comes up in between is not missed.
+    pub async fn wait_tunnel_up(&self, ready: impl Fn() -> bool) {
+        loop {
+            let notified = self.tunnel_up.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if ready() {
+                return;
+            }
+            notified.await;
+        }
     }
-    while let Some((p, reason)) = node.poll_evicted() {
-        p.fire(reason);
+
+    /// Wakes every [`NodeCell::wait_tunnel_up`] to check its condition again (e.g. on
+    /// shutdown).
+    pub fn wake_tunnel_waiters(&self) {
+        self.tunnel_up.notify_waiters();
     }
-    while let Some(e) = node.poll_event() {
-        log_event(node, &e);
+
+    /// Executes what the node polled out that needs no await: frames to the streams' sinks,
+    /// detached streams closed, evicted pending streams woken, events logged, tunnel waiters
+    /// woken when a tunnel became live.
+    pub fn drain(&self, node: &mut IoNode) {
+        node.flush_transmits(|io, frames| io.sink.send(frames));
+        while let Some(c) = node.poll_close() {
+            c.handle.close();
+        }
+        while let Some((p, reason)) = node.poll_evicted() {
+            p.fire(reason);
+        }
+        while let Some(e) = node.poll_event() {
+            if matches!(e, Event::Live { live: true, .. }) {
+                self.tunnel_up.notify_waiters();
+            }
+            log_event(node, &e);
+        }
     }
 }
 
@@ -239,7 +267,7 @@ pub async fn serve_attached(
             let more = {
                 let mut node = cell.lock();
                 let res = node.handle_stream_data(id, &mut buf, Instant::now(), tun);
-                drain(&mut node);
+                cell.drain(&mut node);
                 match res {
                     Ok(more) => more,
                     Err(crate::node::StreamGone::Stale(_)) => return Ok(()),
@@ -269,7 +297,7 @@ pub async fn serve_attached(
         Err(e) => e.as_str(),
     };
     node.stream_closed(id, detail, Instant::now());
-    drain(&mut node);
+    cell.drain(&mut node);
     drop(node);
     cell.poke();
     res
@@ -308,7 +336,7 @@ pub async fn pump_tun(cell: Arc<NodeCell>, mut reader: TunReader) -> anyhow::Res
             .map_err(|e| anyhow::anyhow!("TUN read: {e}"))?;
         let mut node = cell.lock();
         node.handle_tun_packets(reader.packets(), Instant::now());
-        drain(&mut node);
+        cell.drain(&mut node);
     }
 }
 
@@ -319,7 +347,7 @@ pub async fn drive(cell: Arc<NodeCell>, mut dial: impl FnMut(TunnelId)) -> anyho
         let deadline = {
             let mut node = cell.lock();
             node.handle_timeout(Instant::now());
-            drain(&mut node);
+            cell.drain(&mut node);
             while let Some(t) = node.poll_dial() {
                 dial(t);
             }

@@ -98,6 +98,8 @@ pub const METRICS: &[Metric] = &[
     m("ttfb", "client start → first byte through the tunnel", "s", G::Startup, Down, None),
     m("recover.listen", "server restart: listening → first byte", "s", G::Recovery, Down, None),
     m("recover.kill", "server restart: killed → first byte", "s", G::Recovery, Down, None),
+    m("recover.ingress.p50", "ingress outage 0.5–5 s: listening again → first byte, median", "s", G::Recovery, Down, None),
+    m("recover.ingress.max", "ingress outage 0.5–5 s: listening again → first byte, worst", "s", G::Recovery, Down, None),
 ];
 
 /// One measured value.
@@ -313,7 +315,9 @@ fn notes(cfg: &Config) -> Vec<String> {
             .to_owned(),
         "startup: the client process is stopped, then spawned; probes (CONNECT/TCP + GET, 1 s \
          deadline) start every 10 ms. recovery: the server gets SIGKILL and is started again at \
-         once; 'listening' is when its tunnel port listens (polled every 1 ms)."
+         once; 'listening' is when its tunnel port listens (polled every 1 ms). ingress outage: \
+         the ingress gets SIGKILL, stays away 0.5, 1, 2, 3, 4 and 5 s, and is started again; \
+         'listening' is when the ingress listens again; median and worst of the six per round."
             .to_owned(),
         "RSS: VmRSS of /proc/<pid>/status. 'idle after start' is read when the plane's turn \
          begins, before its measurements (OpenVPN starts anew each turn; with the startup and \

@@ -294,6 +294,19 @@ fn plane_turn(ctx: &mut Ctx<'_>, topo: &mut Topo, round: u32, plane: Plane) -> R
             c.res.add(round, plane, "recover.kill", r.from_kill);
             topo.bring_up(plane)
         })?;
+        ctx.step(round, plane, "ingress outages", |c| {
+            let v = startup::ingress_outages(topo, plane)?;
+            let list: Vec<String> = v.iter().map(|x| format!("{x:.3}")).collect();
+            c.log(&format!(
+                "  {plane} ingress outages 0.5–5 s: listening again → first byte [{}] s",
+                list.join(", ")
+            ));
+            c.res
+                .add(round, plane, "recover.ingress.p50", v[v.len() / 2]);
+            c.res
+                .add(round, plane, "recover.ingress.max", v[v.len() - 1]);
+            Ok(())
+        })?;
     }
     Ok(())
 }

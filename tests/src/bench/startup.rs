@@ -101,6 +101,41 @@ pub struct Recovery {
     pub from_kill: f64,
 }
 
+/// Ingress outages the recovery group measures, each once per round.
+pub const OUTAGES: [Duration; 6] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(3),
+    Duration::from_secs(4),
+    Duration::from_secs(5),
+];
+
+/// For each of [`OUTAGES`]: SIGKILLs the ingress, keeps it away that long, starts it again and
+/// measures seconds from its listening again to the first response byte of a `GET` through
+/// the plane's tunnel (probes start when it listens). Sorted.
+pub fn ingress_outages(topo: &mut Topo, plane: Plane) -> Result<Vec<f64>> {
+    let route = topo.route(plane);
+    let port = crate::lab::INGRESS
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .context("ingress port")?;
+    let mut out = Vec::new();
+    for outage in OUTAGES {
+        // Traffic works before the fault.
+        first_success(&topo.rt, &route, UP_TIMEOUT)?;
+        topo.kill_ingress()?;
+        // The outage itself (the fault's length, not a synchronization).
+        std::thread::sleep(outage);
+        topo.spawn_ingress()?;
+        let listening = wait_listen(&topo.lab.gw, port, Duration::from_secs(15))?;
+        let at = first_success(&topo.rt, &route, UP_TIMEOUT)?;
+        out.push(at.saturating_duration_since(listening).as_secs_f64());
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
 /// Kills the plane's server (SIGKILL), starts it again at once and measures until a `GET`
 /// through the tunnel is answered.
 pub fn recovery(topo: &mut Topo, plane: Plane) -> Result<Recovery> {

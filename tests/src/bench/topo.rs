@@ -137,15 +137,7 @@ impl Topo {
             )?;
         }
 
-        let mut ingress = lab.ingress_args();
-        ingress.extend([
-            "--route".into(),
-            openvpn::ingress_route(),
-            "--max-connections".into(),
-            "4096".into(),
-        ]);
-        let gw = lab.gw.name().to_owned();
-        lab.spawn_in("ingress", &gw, &try_bin("ingress-standin")?, &ingress)?;
+        spawn_ingress(lab)?;
         wait_tcp_listen(&lab.gw, INGRESS.parse()?, START_TIMEOUT)?;
 
         lab.start_server(0)?;
@@ -388,6 +380,16 @@ impl Topo {
         }
     }
 
+    /// SIGKILLs the ingress (both planes' tunnels go through it).
+    pub fn kill_ingress(&mut self) -> Result<()> {
+        self.lab.kill_ingress()
+    }
+
+    /// Starts the ingress again without waiting for it.
+    pub fn spawn_ingress(&mut self) -> Result<()> {
+        spawn_ingress(&mut self.lab)
+    }
+
     /// Leaves namespaces and processes running; returns the lab's prefix and directory.
     pub fn keep(self) -> (String, PathBuf) {
         let Self {
@@ -398,6 +400,19 @@ impl Topo {
         let prefix = lab.prefix.clone();
         (prefix, lab.keep())
     }
+}
+
+/// Starts the ingress stand-in with a route for each plane.
+fn spawn_ingress(lab: &mut Lab) -> Result<()> {
+    let mut ingress = lab.ingress_args();
+    ingress.extend([
+        "--route".into(),
+        openvpn::ingress_route(),
+        "--max-connections".into(),
+        "4096".into(),
+    ]);
+    let gw = lab.gw.name().to_owned();
+    lab.spawn_in("ingress", &gw, &try_bin("ingress-standin")?, &ingress)
 }
 
 /// Arguments of the pod's echo server (`bench echo`).
