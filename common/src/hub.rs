@@ -123,6 +123,9 @@ pub struct Hub {
     private: StaticSecret,
     public: PublicKey,
     peers: Vec<PeerConfig>,
+    /// Whether each peer is allowed now (a removed peer keeps its position, so that its
+    /// tunnel id stays stable should it come back).
+    enabled: Vec<bool>,
     by_key: HashMap<[u8; 32], usize>,
     /// Preamble keys per peer (None: the peer's key gives no shared secret).
     preamble_keys: Vec<Option<PreambleKey>>,
@@ -173,6 +176,7 @@ impl Hub {
             mac_check: RateLimiter::new(&public, u64::MAX),
             private,
             public,
+            enabled: vec![true; peers.len()],
             peers,
             by_key,
             preamble_keys,
@@ -192,10 +196,12 @@ impl Hub {
             .iter()
             .copied()
             .find(|&i| {
-                self.preamble_keys
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|k| k.verify(p))
+                self.is_enabled(i)
+                    && self
+                        .preamble_keys
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|k| k.verify(p))
             })
             .ok_or(HubError::PreambleBadTag)
     }
@@ -240,6 +246,7 @@ impl Hub {
                 self.by_key
                     .get(&half.peer_static_public)
                     .copied()
+                    .filter(|&i| self.is_enabled(i))
                     .ok_or_else(|| {
                         HubError::UnknownPeer(encode_public_key(&PublicKey::from(
                             half.peer_static_public,
@@ -248,7 +255,7 @@ impl Hub {
             }
             Packet::PacketData(data) => {
                 let peer = (data.receiver_idx >> 8) as usize;
-                if peer < self.peers.len() {
+                if self.is_enabled(peer) {
                     Ok(peer)
                 } else {
                     Err(HubError::UnknownSession(data.receiver_idx))
@@ -280,6 +287,42 @@ impl Hub {
         ))
     }
 
+    /// Whether peer `peer` is allowed now.
+    pub fn is_enabled(&self, peer: usize) -> bool {
+        self.enabled.get(peer).copied().unwrap_or(false)
+    }
+
+    /// Allows `peer` (again): its position, new or the one it had before it was removed.
+    pub fn add_peer(&mut self, peer: PeerConfig) -> Result<usize, HubError> {
+        if let Some(&i) = self.by_key.get(peer.public.as_bytes()) {
+            if let (Some(p), Some(e)) = (self.peers.get_mut(i), self.enabled.get_mut(i)) {
+                p.psk = peer.psk;
+                *e = true;
+            }
+            return Ok(i);
+        }
+        if self.peers.len() >= MAX_PEERS {
+            return Err(HubError::TooManyPeers(self.peers.len() + 1));
+        }
+        let i = self.peers.len();
+        let key = PreambleKey::for_server(&self.private, &peer.public).ok();
+        if let Some(k) = &key {
+            self.by_hint.entry(k.hint()).or_default().push(i);
+        }
+        self.by_key.insert(*peer.public.as_bytes(), i);
+        self.preamble_keys.push(key);
+        self.peers.push(peer);
+        self.enabled.push(true);
+        Ok(i)
+    }
+
+    /// Stops allowing `peer`: its preambles and first messages are refused from now on.
+    pub fn remove_peer(&mut self, peer: usize) {
+        if let Some(e) = self.enabled.get_mut(peer) {
+            *e = false;
+        }
+    }
+
     /// Public key of the peer at `peer`.
     pub fn peer_public(&self, peer: usize) -> Option<&PublicKey> {
         self.peers.get(peer).map(|p| &p.public)
@@ -295,7 +338,7 @@ impl Hub {
         &self.public
     }
 
-    /// Number of peers.
+    /// Number of peer positions (removed peers included).
     pub fn len(&self) -> usize {
         self.peers.len()
     }

@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use crate::cidr::CidrSet;
 use crate::flow::{DropReason, FlowConfig, FlowTable, TunnelId};
 use crate::frame::{FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
-use crate::hub::{Hub, HubError, MessageKind};
+use crate::hub::{Hub, HubError, MessageKind, PeerConfig};
 use crate::limits::{
     InstanceCounters, LimitCounters, LimitKind, Limits, PendingKey, PendingSlots, TokenBucket,
 };
@@ -275,6 +275,8 @@ counted_enum! {
         Failed => "failed",
         /// The caller saw the stream end (end of stream, read or write error).
         Ended => "ended",
+        /// The peer's key is no longer allowed (removed from the peers directory).
+        PeerRemoved => "peer_removed",
     }
 }
 
@@ -636,6 +638,66 @@ impl<S, P> Node<S, P> {
     /// Number of tunnels.
     pub fn tunnels(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Seed: makes `peers` (name, key) the allowed set, at run time. A new key gets a tunnel (a
+    /// key that was removed before comes back on its old tunnel, with a fresh session); a key
+    /// no longer listed is refused from now on and its stream is closed
+    /// ([`CloseReason::PeerRemoved`]; its flows re-pin to live tunnels). Returns the names of
+    /// the added and the removed peers.
+    pub fn set_peers(
+        &mut self,
+        peers: &[(String, PeerConfig)],
+        now: Instant,
+    ) -> Result<(Vec<String>, Vec<String>), NodeError> {
+        self.now = now;
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        {
+            let Self {
+                policy, slots, cfg, ..
+            } = self;
+            let Policy::Seed { hub, .. } = policy else {
+                return Ok((added, removed.into_iter().map(|(_, n)| n).collect()));
+            };
+            let want: std::collections::HashSet<[u8; 32]> =
+                peers.iter().map(|(_, p)| *p.public.as_bytes()).collect();
+            for i in 0..hub.len() {
+                let gone = hub
+                    .peer_public(i)
+                    .is_some_and(|k| !want.contains(k.as_bytes()));
+                if hub.is_enabled(i) && gone {
+                    hub.remove_peer(i);
+                    let name = slots.get(i).map(|s| s.name.clone()).unwrap_or_default();
+                    removed.push((tunnel_id(i), name));
+                }
+            }
+            for (name, p) in peers {
+                if hub.peer_index(&p.public).is_some_and(|i| hub.is_enabled(i)) {
+                    continue;
+                }
+                let i = hub.add_peer(p.clone())?;
+                let session = hub.new_session(i, cfg.session, now)?;
+                match slots.get_mut(i) {
+                    Some(slot) => {
+                        slot.session = session;
+                        slot.name = name.clone();
+                    }
+                    None => slots.push(Slot::new(name.clone(), session, &cfg.limits, Dial::Idle)),
+                }
+                added.push(name.clone());
+            }
+        }
+        for (t, _) in &removed {
+            self.detach(
+                *t,
+                CloseReason::PeerRemoved,
+                "its key was removed".into(),
+                now,
+            );
+        }
+        self.update_live();
+        Ok((added, removed.into_iter().map(|(_, n)| n).collect()))
     }
 
     /// Live tunnels (stream attached, session established), ascending.

@@ -1009,6 +1009,51 @@ fn unknown_key_refused_while_others_continue() {
 }
 
 #[test]
+fn peers_added_and_removed_at_run_time() {
+    let mut w = World::new(3, 2);
+    w.run(Duration::from_millis(10));
+    assert!(w.clients[2].node.live().is_empty());
+    let key = |w: &World, c: usize| PeerConfig {
+        public: PublicKey::from(&w.clients[c].key),
+        psk: None,
+    };
+    // Client 2's key is added: its redial is accepted, no seed restarts.
+    let all: Vec<(String, PeerConfig)> = (0..3)
+        .map(|c| (format!("client-{c}"), key(&w, c)))
+        .collect();
+    let now = w.now();
+    for s in &mut w.seeds {
+        let (added, removed) = s.node.set_peers(&all, now).unwrap();
+        assert_eq!((added, removed.len()), (vec!["client-2".to_owned()], 0));
+    }
+    w.run(Duration::from_secs(10));
+    assert_eq!(w.seed_live(0), vec![0, 1, 2], "client 2 joined");
+    assert_eq!(w.seed_live(1), vec![0, 1, 2]);
+    assert_eq!(w.clients[2].node.live().len(), SEEDS);
+    // Client 0's key is removed: its streams close, its flows go to the others.
+    let now = w.now();
+    for s in &mut w.seeds {
+        let (_, removed) = s.node.set_peers(&all[1..], now).unwrap();
+        assert_eq!(removed, vec!["client-0".to_owned()]);
+    }
+    w.run(Duration::from_secs(1));
+    assert_eq!(w.seed_live(0), vec![1, 2]);
+    assert!(w.seeds[0]
+        .closed
+        .iter()
+        .any(|(_, r)| *r == CloseReason::PeerRemoved));
+    w.run(Duration::from_secs(5));
+    assert!(
+        w.clients[0].node.live().is_empty(),
+        "its redials are refused"
+    );
+    new_flows(&mut w, 0, 9500, 20);
+    let got = receivers(&w);
+    assert_eq!(got.len(), 20);
+    assert!(got.values().all(|c| *c != 0));
+}
+
+#[test]
 fn broken_frames_close_only_that_stream() {
     let mut w = World::new(2, 2);
     w.run(Duration::from_millis(10));

@@ -49,8 +49,15 @@ pub const PROXY_TCP: &str = "127.0.0.1:9443";
 pub const SEED_METRICS: &str = "127.0.0.1:15000";
 /// Every shoot client's metrics/health listener (in its own shoot namespace).
 pub const CLIENT_METRICS: &str = "127.0.0.1:15001";
-/// Ingress stand-in listener (in `gw`).
+/// Ingress stand-in listener (in `gw`), legacy reversed-VPN port.
 pub const INGRESS: &str = "10.250.0.1:8132";
+/// Ingress stand-in listener with [`LabOptions::unified_port`]: Gardener's unified HTTP
+/// proxy port.
+pub const INGRESS_UNIFIED: &str = "10.250.0.1:8443";
+/// Routing header of Gardener's unified proxy port.
+pub const UNIFIED_HEADER: &str = "X-Gardener-Destination";
+/// The shoot's control-plane namespace in the seed (in unified-port header values).
+pub const SHOOT_NAMESPACE: &str = "shoot--lab--vpn";
 /// Routing header value that selects the seed server at the ingress (one replica).
 pub const ROUTE_VALUE: &str = "vpn-seed-server";
 /// The pod's addresses.
@@ -123,6 +130,9 @@ pub struct LabOptions {
     pub dead_peer_timeout: Option<&'static str>,
     /// Give the servers the client keys as `--peers-dir` instead of `--peer`.
     pub peers_dir: bool,
+    /// Route through Gardener's unified proxy port: the ingress listens on 8443 and routes by
+    /// `X-Gardener-Destination: outbound|1194||vpn-seed-server[-<i>].<namespace>.svc.cluster.local`.
+    pub unified_port: bool,
 }
 
 impl Default for LabOptions {
@@ -137,6 +147,7 @@ impl Default for LabOptions {
             keepalive: None,
             dead_peer_timeout: None,
             peers_dir: false,
+            unified_port: false,
         }
     }
 }
@@ -454,12 +465,41 @@ impl Lab {
         }
     }
 
-    /// The routing header value that selects seed server `i` at the ingress.
-    pub fn route_value(&self, i: usize) -> String {
+    /// The seed server `i`'s name (a Service name in Gardener): `vpn-seed-server`, or
+    /// `vpn-seed-server-<i>` with several.
+    pub fn server_service(&self, i: usize) -> String {
         if self.opts.seeds == 1 {
             ROUTE_VALUE.to_owned()
         } else {
             format!("{ROUTE_VALUE}-{i}")
+        }
+    }
+
+    /// The routing header value that selects seed server `i` at the ingress.
+    pub fn route_value(&self, i: usize) -> String {
+        let service = self.server_service(i);
+        if self.opts.unified_port {
+            format!("outbound|1194||{service}.{SHOOT_NAMESPACE}.svc.cluster.local")
+        } else {
+            service
+        }
+    }
+
+    /// The routing header's name.
+    pub fn route_header(&self) -> &'static str {
+        if self.opts.unified_port {
+            UNIFIED_HEADER
+        } else {
+            "Reversed-VPN"
+        }
+    }
+
+    /// The ingress stand-in's listener.
+    pub fn ingress(&self) -> &'static str {
+        if self.opts.unified_port {
+            INGRESS_UNIFIED
+        } else {
+            INGRESS
         }
     }
 
@@ -544,7 +584,12 @@ impl Lab {
 
     /// Arguments of the ingress stand-in: a route per seed server.
     pub fn ingress_args(&self) -> Vec<String> {
-        let mut a = strings(&["--listen", INGRESS]);
+        let mut a = strings(&[
+            "--listen",
+            self.ingress(),
+            "--header-name",
+            self.route_header(),
+        ]);
         for i in 0..self.opts.seeds {
             a.push("--route".into());
             a.push(format!("{}={}", self.route_value(i), seed_tunnel(i)));
@@ -558,7 +603,7 @@ impl Lab {
         let args = self.ingress_args();
         let ns_name = self.gw.name().to_owned();
         self.spawn_in("ingress", &ns_name, &bin, &args)?;
-        let addr: SocketAddr = INGRESS.parse()?;
+        let addr: SocketAddr = self.ingress().parse()?;
         self.wait_proc("ingress", START_TIMEOUT, "the ingress to listen", |l| {
             is_listening(&l.gw, addr)
         })
@@ -679,11 +724,11 @@ impl Lab {
     pub fn client_args_for(&self, private_key_file: &Path) -> Vec<String> {
         let mut a = strings(&[
             "--endpoint",
-            INGRESS,
+            self.ingress(),
             "--connect-target",
             "vpn-seed-server:1194",
             "--header-name",
-            "Reversed-VPN",
+            self.route_header(),
         ]);
         for i in 0..self.opts.seeds {
             a.push("--header-value".into());
@@ -846,7 +891,7 @@ impl Lab {
     /// Drops client `i`'s TCP to and from the ingress silently (no FIN, no RST) with an
     /// nftables table of its own in the shoot namespace.
     pub fn blackhole(&self, i: usize) -> Result<()> {
-        let (host, port) = INGRESS.rsplit_once(':').context("ingress address")?;
+        let (host, port) = self.ingress().rsplit_once(':').context("ingress address")?;
         let t = BLACKHOLE_TABLE;
         let ns = self.shoots.get(i).context("no such shoot")?;
         for cmd in [

@@ -55,6 +55,9 @@ fn faults_a_idle_connections_survive_ten_ingress_kills() {
     };
     let mut held: Vec<Held> = (0..100).map(|_| lab.hold(0).unwrap()).collect();
     for _ in 0..10 {
+        // Idle time between the faults: over the run the connections' TCP keepalives (15 s
+        // idle) fire, some of them into an outage.
+        std::thread::sleep(BETWEEN);
         kill_ingress(&mut lab);
         lab.wait_all_up(START_TIMEOUT).unwrap();
     }

@@ -668,3 +668,75 @@ scrape_configs:
 fn port(addr: &str) -> u16 {
     addr.parse::<SocketAddr>().map(|a| a.port()).unwrap()
 }
+
+#[test]
+#[ignore = "netns: needs root; run by scripts/test.sh, or cargo test -- --ignored"]
+fn peers_dir_changes_apply_without_a_restart() {
+    let Some(mut lab) = lab_for_test(LabOptions {
+        peers_dir: true,
+        second_shoot: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let peers = lab.dir().join("peers");
+    let newcomer = lab.gen_key("newcomer").unwrap();
+    let args = lab.client_args_for(&newcomer.private_file);
+    let shoot2 = lab.shoot2.as_ref().unwrap().name().to_owned();
+    lab.start_client_in("newcomer", &shoot2, &args).unwrap();
+    let seed_metrics = format!("http://{SEED_METRICS}/metrics");
+    let tunnels = |l: &Lab| {
+        tests::prom::http_text(&l.seeds[0], &seed_metrics)
+            .and_then(|t| tests::prom::metric(&t, "vpn_seed_tunnels_up"))
+    };
+    assert_eq!(
+        tunnels(&lab),
+        Some(1.0),
+        "the newcomer's key is not allowed yet"
+    );
+
+    // A malformed file is reported and ignored; the allowed key keeps its tunnel.
+    std::fs::write(peers.join("broken"), "not a key\n").unwrap();
+    lab.wait_proc(
+        "seed-server",
+        Duration::from_secs(5),
+        "the bad file reported",
+        |l| {
+            l.proc("seed-server")
+                .is_some_and(|p| p.log().contains("file ignored"))
+        },
+    )
+    .unwrap();
+    assert_eq!(tunnels(&lab), Some(1.0));
+
+    // Added: accepted within 5 s, no restart.
+    std::fs::write(peers.join("newcomer"), format!("{}\n", newcomer.public)).unwrap();
+    let added = lab
+        .wait_proc(
+            "seed-server",
+            Duration::from_secs(5),
+            "the added key's tunnel",
+            |l| tunnels(l) == Some(2.0),
+        )
+        .unwrap();
+    // Removed: its tunnel closes within 5 s; the other stays.
+    std::fs::remove_file(peers.join("newcomer")).unwrap();
+    let removed = lab
+        .wait_proc(
+            "seed-server",
+            Duration::from_secs(5),
+            "the removed key's tunnel to close",
+            |l| tunnels(l) == Some(1.0),
+        )
+        .unwrap();
+    eprintln!("added key live after {added:?}, removed key's tunnel gone after {removed:?}");
+    let (reply, mut s) = connect_uds(&lab.uds(0), POD_TARGET, IO).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let (code, body) = http_get(&mut s, POD_TARGET, "/index.html").unwrap();
+    assert_eq!((code, body.as_slice()), (200, POD_INDEX.as_bytes()));
+    let log = lab.proc("seed-server").unwrap().log();
+    assert!(
+        log.contains("peer_removed"),
+        "no close reason in the log:\n{log}"
+    );
+}

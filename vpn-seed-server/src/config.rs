@@ -75,7 +75,8 @@ pub struct Args {
     pub peers: Vec<String>,
 
     /// Directory of allowed client public keys, one base64 key per file (e.g. a mounted
-    /// Secret with one entry per shoot client replica); read at start, added to `--peer`.
+    /// Secret), added to `--peer`; watched: keys added or removed later apply within seconds,
+    /// without a restart (a malformed file is then logged and ignored).
     #[arg(long, env = "PEERS_DIR")]
     pub peers_dir: Option<PathBuf>,
 
@@ -257,6 +258,9 @@ pub struct Config {
     /// Allowed client keys (base64) with a name for logs and metrics: the file name in
     /// `--peers-dir`, else the key's first 8 characters.
     pub peers: Vec<(String, String)>,
+    /// The `--peer` keys (always allowed), and the directory watched for the others.
+    pub static_peers: Vec<(String, String)>,
+    pub peers_dir: Option<PathBuf>,
     pub shoot_networks: CidrSet,
     pub vpn_networks: Vec<IpNet>,
     /// The TUN addresses of this replica (host index+1 of each VPN network, with its prefix).
@@ -493,6 +497,7 @@ impl Args {
                 Err(e) => errs.push(format!("--peer {p:?}: {e}")),
             }
         }
+        let static_peers = peers.clone();
         if let Some(dir) = &self.peers_dir {
             match common::io::keyfile::load_public_keys_dir(dir) {
                 Ok(keys) if keys.is_empty() => {
@@ -579,6 +584,8 @@ impl Args {
             private_key_file: self.private_key_file,
             preshared_key_file: self.preshared_key_file,
             peers,
+            static_peers,
+            peers_dir: self.peers_dir,
             shoot_networks,
             vpn_networks,
             tun_addrs,

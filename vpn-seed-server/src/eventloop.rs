@@ -347,6 +347,18 @@ pub async fn run(
     if let Some(tls) = tls.clone() {
         tasks.spawn(reload_tls(tls));
     }
+    if let Some(dir) = cfg.peers_dir.clone() {
+        let psk = match &cfg.preshared_key_file {
+            Some(p) => Some(common::io::keyfile::load_psk(p).context("pre-shared key")?),
+            None => None,
+        };
+        tasks.spawn(watch_peers(
+            server.clone(),
+            dir,
+            cfg.static_peers.clone(),
+            psk,
+        ));
+    }
     if let Some(l) = listeners.metrics {
         tasks.spawn(common::io::process::health_task(l, server.clone()));
     }
@@ -471,6 +483,78 @@ fn log_reason(r: Refusal) -> &'static str {
 }
 
 /// Reloads the proxy's certificates when their files change (checked every second).
+/// How often `--peers-dir` is checked for changes.
+const PEERS_DIR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Watches `--peers-dir` (a Kubernetes Secret volume swaps `..data`; a plain directory is
+/// edited in place): on a change the allowed set becomes the `--peer` keys plus every valid
+/// key file; a malformed file is reported and ignored, the rest stay in force.
+async fn watch_peers(
+    server: Arc<Server>,
+    dir: std::path::PathBuf,
+    static_peers: Vec<(String, String)>,
+    psk: Option<[u8; 32]>,
+) -> Result<()> {
+    use common::io::keyfile::{dir_fingerprint, read_public_keys_dir};
+    let mut seen = dir_fingerprint(&dir).ok();
+    let mut tick = tokio::time::interval(PEERS_DIR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_seen = match dir_fingerprint(&dir) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                common::warn_limited!("peers_dir", dir = %dir.display(), error = %e, "cannot read the peers directory; keeping the current peers");
+                continue;
+            }
+        };
+        if now_seen == seen {
+            continue;
+        }
+        seen = now_seen;
+        let (keys, bad) = match read_public_keys_dir(&dir) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the peers directory; keeping the current peers");
+                continue;
+            }
+        };
+        for e in &bad {
+            tracing::warn!(error = %e, "peers directory: file ignored");
+        }
+        let mut peers = Vec::new();
+        for (name, key) in &static_peers {
+            if let Ok(public) = common::keys::parse_public_key(key) {
+                peers.push((name.clone(), PeerConfig { public, psk }));
+            }
+        }
+        for (name, public) in keys {
+            if !peers.iter().any(|(_, p)| p.public == public) {
+                peers.push((name, PeerConfig { public, psk }));
+            }
+        }
+        let changed = {
+            let mut node = server.node.lock();
+            let r = node.set_peers(&peers, Instant::now());
+            server.node.drain(&mut node);
+            r
+        };
+        match changed {
+            Ok((added, removed)) if added.is_empty() && removed.is_empty() => {}
+            Ok((added, removed)) => {
+                tracing::info!(
+                    ?added,
+                    ?removed,
+                    peers = peers.len(),
+                    "peers directory changed"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "peers directory: cannot apply the change"),
+        }
+        server.node.poke();
+    }
+}
+
 async fn reload_tls(tls: Arc<ReloadingServerConfig>) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

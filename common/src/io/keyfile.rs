@@ -50,6 +50,69 @@ pub fn load_public_keys_dir(dir: &Path) -> Result<Vec<(String, PublicKey)>, KeyE
     Ok(out)
 }
 
+/// Like [`load_public_keys_dir`], but a file that holds no valid key is reported (its error in
+/// the second list) and skipped, and the rest are returned: what a watcher of a peers
+/// directory keeps in force. Fails only when the directory cannot be listed.
+#[allow(clippy::type_complexity)]
+pub fn read_public_keys_dir(
+    dir: &Path,
+) -> Result<(Vec<(String, PublicKey)>, Vec<KeyError>), KeyError> {
+    let io_err = |source| KeyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let (mut keys, mut bad) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if keys.len() + bad.len() == MAX_PEER_FILES {
+            bad.push(KeyError::InFile {
+                path: dir.to_path_buf(),
+                reason: Box::new(KeyError::TooManyFiles),
+            });
+            break;
+        }
+        match read_key_file(&path, false) {
+            Ok(key) => keys.push((name, PublicKey::from(key))),
+            Err(e) => bad.push(e),
+        }
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((keys, bad))
+}
+
+/// What changes when a peers directory changes: the visible entries' names, sizes and
+/// modification times (following symlinks), and the target of a Secret volume's `..data`.
+/// Cheap enough to compare every second.
+pub fn dir_fingerprint(
+    dir: &Path,
+) -> std::io::Result<Vec<(String, u64, Option<std::time::SystemTime>)>> {
+    let mut out = Vec::new();
+    if let Ok(target) = std::fs::read_link(dir.join("..data")) {
+        out.push((target.to_string_lossy().into_owned(), 0, None));
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || out.len() > MAX_PEER_FILES {
+            continue;
+        }
+        // Follows symlinks; a dangling one counts with size 0.
+        let meta = std::fs::metadata(entry.path()).ok();
+        out.push((
+            name,
+            meta.as_ref().map_or(0, |m| m.len()),
+            meta.and_then(|m| m.modified().ok()),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn load_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
     read_key_file(path, true)
 }

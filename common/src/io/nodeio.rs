@@ -222,15 +222,26 @@ impl PacketSink for TunWriter {
 /// holds one writer's batch memory however many streams it opens.
 pub struct TunWriters {
     tun: Tun,
-    slots: Vec<Arc<tokio::sync::Mutex<Option<TunWriter>>>>,
+    /// One per tunnel; grows when the seed's node gains peers at run time (bounded by the
+    /// node's tunnels).
+    slots: Mutex<Vec<Arc<tokio::sync::Mutex<Option<TunWriter>>>>>,
 }
 
 impl TunWriters {
     pub fn new(tun: Tun, tunnels: usize) -> Self {
         Self {
             tun,
-            slots: (0..tunnels).map(|_| Arc::default()).collect(),
+            slots: Mutex::new((0..tunnels).map(|_| Arc::default()).collect()),
         }
+    }
+
+    /// Tunnel `i`'s writer slot (created when the tunnel is new).
+    fn slot(&self, i: usize) -> Arc<tokio::sync::Mutex<Option<TunWriter>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() <= i {
+            slots.resize_with(i + 1, Arc::default);
+        }
+        slots[i].clone()
     }
 }
 
@@ -248,9 +259,7 @@ pub async fn serve_attached(
     stop: Arc<Notify>,
 ) -> Result<(), String> {
     let res = async {
-        let Some(slot) = writers.slots.get(id.tunnel.index()) else {
-            return Err(format!("no tunnel {}", id.tunnel));
-        };
+        let slot = writers.slot(id.tunnel.index());
         // Waits until the reader of a replaced stream let go of the tunnel's TUN writer.
         let mut guard = tokio::select! {
             g = slot.clone().lock_owned() => g,
