@@ -24,30 +24,11 @@ pub fn load_psk(path: &Path) -> Result<[u8; 32], KeyError> {
 /// entries are symlinks to the files) holds one base64 public key. Returns (file name, key)
 /// sorted by name.
 pub fn load_public_keys_dir(dir: &Path) -> Result<Vec<(String, PublicKey)>, KeyError> {
-    let io_err = |source| KeyError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err)? {
-        let entry = entry.map_err(io_err)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        // Follows symlinks, so Secret volume entries count as files.
-        if name.starts_with('.') || !path.is_file() {
-            continue;
-        }
-        if out.len() == MAX_PEER_FILES {
-            return Err(KeyError::InFile {
-                path: dir.to_path_buf(),
-                reason: Box::new(KeyError::TooManyFiles),
-            });
-        }
-        let key = read_key_file(&path, false)?;
-        out.push((name, PublicKey::from(key)));
+    let (keys, bad) = read_public_keys_dir(dir)?;
+    match bad.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(keys),
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
 }
 
 /// Like [`load_public_keys_dir`], but a file that holds no valid key is reported (its error in
